@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub
+
+from abaw import demo  # noqa: E402
+from abaw.data import LABEL_DIR  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """The full built-in demo dataset, generated once per test session."""
+    return demo.generate(tmp_path_factory.mktemp("demo") / "root")
+
+
+def write_labels(path: Path, rows, header="valence,arousal", newline="\n", trailing=""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [header] + [f"{v},{a}" for v, a in rows] if header is not None else [f"{v},{a}" for v, a in rows]
+    path.write_bytes((newline.join(lines) + newline + trailing).encode())
+
+
+@pytest.fixture
+def tiny_root(tmp_path) -> Path:
+    """A small valid root: 3 train, 1 val, 2 test videos, visual 8-d and audio 3-d features."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "aw2"
+    videos = {"train": ["a", "b_left", "b_right"], "val": ["c"], "test": ["t1", "t2"]}
+    folder = {"train": "Train_Set", "val": "Validation_Set"}
+    for split, names in videos.items():
+        for name in names:
+            n = 20
+            if split != "test":
+                labels = rng.uniform(-1, 1, size=(n, 2)).round(3)
+                labels[3] = -5
+                write_labels(root / LABEL_DIR / folder[split] / f"{name}.txt", labels.tolist())
+            for modality, dim in (("visual", 8), ("audio", 3)):
+                (root / "features" / modality).mkdir(parents=True, exist_ok=True)
+                np.save(root / "features" / modality / f"{name}.npy", rng.standard_normal((n, dim)).astype(np.float32))
+    (root / "Valence_Arousal_Estimation_Challenge_test_set_release.txt").write_text("t1\nt2\n")
+    sample = ["image_location,valence,arousal"] + [f"{v}/{i:05d}.jpg,," for v in ("t1", "t2") for i in range(1, 21)]
+    (root / "CVPR_8th_ABAW_VA_test_set_sample.txt").write_text("\n".join(sample) + "\n")
+    return root

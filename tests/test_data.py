@@ -1,0 +1,166 @@
+"""The Aff-Wild2 reader and validator: every bad-input case names its file and line."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from abaw.data import LABEL_DIR, DataError, load_dataset, open_dataset, parse_label_file, subject_key
+from conftest import write_labels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def problems_of(root):
+    _, problems = load_dataset(root)
+    return problems
+
+
+def only_problem(root):
+    problems = problems_of(root)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def test_valid_root_has_no_problems(tiny_root):
+    dataset = open_dataset(tiny_root)
+    assert {v.split for v in dataset.videos.values()} == {"train", "val", "test"}
+    assert dataset.modalities == {"audio": 3, "visual": 8}
+    record = dataset.videos["b_left"]
+    assert record.subject == "b" and record.n_frames == 20 and record.labels.dtype == np.float32
+    assert not record.label_mask[3] and record.label_mask.sum() == 19
+
+
+def test_subject_key():
+    assert subject_key("10-60-1280x720_left") == subject_key("10-60-1280x720_right") == "10-60-1280x720"
+    assert subject_key("left_video") == "left_video"
+
+
+def test_windows_line_endings_and_trailing_blank_line_are_valid(tmp_path):
+    path = tmp_path / "v.txt"
+    write_labels(path, [(0.1, 0.2), (-5, -5), (0.3, -0.4)], newline="\r\n", trailing="\r\n\r\n")
+    labels, problems = parse_label_file(path)
+    assert problems == []
+    np.testing.assert_allclose(labels, [[0.1, 0.2], [-5, -5], [0.3, -0.4]])
+
+
+@pytest.mark.parametrize("header, rows, line, words", [
+    ("arousal,valence", [(0.1, 0.2)], 1, "header"),
+    ("valence,arousal", [(0.1, 0.2), ("abc", 0.1)], 3, "non-numeric"),
+    ("valence,arousal", [(0.1, 0.2), (0.5, 1.5)], 3, "outside [-1, 1]"),
+    ("valence,arousal", [(0.1, 0.2), (-4, 0.0)], 3, "outside [-1, 1]"),
+])
+def test_bad_label_file_names_file_and_line(tiny_root, header, rows, line, words):
+    path = tiny_root / LABEL_DIR / "Train_Set" / "a.txt"
+    write_labels(path, rows, header=header)
+    problem = only_problem(tiny_root)
+    assert problem.path == path and problem.line == line and words in problem.message
+    assert f"a.txt:{line}" in str(problem)
+
+
+def test_empty_label_file(tiny_root):
+    path = tiny_root / LABEL_DIR / "Train_Set" / "a.txt"
+    path.write_text("")
+    problem = only_problem(tiny_root)
+    assert problem.path == path and "empty" in problem.message
+
+
+def test_every_problem_is_listed_not_just_the_first(tiny_root):
+    write_labels(tiny_root / LABEL_DIR / "Train_Set" / "a.txt", [("x", 0.1), (2, 0.1)])
+    write_labels(tiny_root / LABEL_DIR / "Validation_Set" / "c.txt", [(0.1, 0.1)], header="v,a")
+    assert len(problems_of(tiny_root)) == 3
+
+
+def test_video_in_two_splits(tiny_root):
+    write_labels(tiny_root / LABEL_DIR / "Validation_Set" / "a.txt", [(0.1, 0.2)] * 20)
+    problem = only_problem(tiny_root)
+    assert problem.path.name == "a.txt" and "Validation_Set" in str(problem.path) and "also in" in problem.message
+
+
+def test_test_video_without_features(tiny_root):
+    missing = tiny_root / "features" / "audio" / "t2.npy"
+    missing.unlink()
+    problem = only_problem(tiny_root)
+    assert problem.path == missing and "t2" in problem.message
+
+
+def test_feature_file_with_wrong_dim(tiny_root):
+    path = tiny_root / "features" / "visual" / "b_right.npy"
+    np.save(path, np.zeros((20, 7), np.float32))
+    problem = only_problem(tiny_root)
+    assert problem.path == path and "dim 7" in problem.message
+
+
+def test_feature_file_with_wrong_dtype(tiny_root):
+    path = tiny_root / "features" / "visual" / "c.npy"
+    np.save(path, np.zeros((20, 8), np.int64))
+    problem = only_problem(tiny_root)
+    assert problem.path == path and "int64" in problem.message
+
+
+def test_sample_file_bad_row_names_line(tiny_root):
+    path = tiny_root / "CVPR_8th_ABAW_VA_test_set_sample.txt"
+    lines = path.read_text().splitlines()
+    lines[4] = "t1/frame4.png,,"
+    path.write_text("\n".join(lines) + "\n")
+    problem = only_problem(tiny_root)
+    assert problem.path == path and problem.line == 5
+
+
+def test_feature_length_rule_trims_and_carries_last_row(tiny_root):
+    short = np.arange(15 * 8, dtype=np.float32).reshape(15, 8)
+    np.save(tiny_root / "features" / "visual" / "a.npy", short)
+    long = np.ones((25, 3), np.float32)
+    np.save(tiny_root / "features" / "audio" / "c.npy", long)
+    dataset = open_dataset(tiny_root)
+    assert dataset.length_mismatches == ["a", "c"]
+    feats, present = dataset.videos["a"].features("visual")
+    assert feats.shape == (20, 8) and present.all()
+    np.testing.assert_array_equal(feats[15:], np.repeat(short[-1:], 5, axis=0))
+    assert dataset.videos["c"].features("audio")[0].shape == (20, 3)
+
+
+def test_nan_rows_are_zero_filled_and_masked(tiny_root):
+    array = np.ones((20, 8), np.float32)
+    array[4:7] = np.nan
+    np.save(tiny_root / "features" / "visual" / "a.npy", array)
+    feats, present = open_dataset(tiny_root).videos["a"].features("visual", 2, 10)
+    assert feats.shape == (8, 8)
+    assert present.tolist() == [True, True, False, False, False, True, True, True]
+    assert np.all(feats[2:5] == 0)
+
+
+def test_features_are_memory_mapped(tiny_root, monkeypatch):
+    record = open_dataset(tiny_root).videos["a"]
+    loads = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k.get("mmap_mode")) or real_load(*a, **k))
+    record.features("visual", 0, 5)
+    assert loads == ["r"]
+
+
+def test_open_dataset_raises_with_all_problems(tiny_root):
+    (tiny_root / "features" / "visual" / "t1.npy").unlink()
+    with pytest.raises(DataError, match="t1.npy"):
+        open_dataset(tiny_root)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "run_cv.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_check_cli_prints_summary_and_exits_zero(tiny_root):
+    result = run_cli("--data-root", str(tiny_root), "--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for word in ("train", "val", "test", "visual", "audio", "subjects"):
+        assert word in result.stdout
+
+
+def test_check_cli_lists_every_problem_and_exits_nonzero(tiny_root):
+    write_labels(tiny_root / LABEL_DIR / "Train_Set" / "a.txt", [(0.1, "oops")])
+    np.save(tiny_root / "features" / "visual" / "c.npy", np.zeros((20, 5), np.float32))
+    result = run_cli("--data-root", str(tiny_root), "--check")
+    assert result.returncode != 0
+    assert "a.txt:2" in result.stdout and "c.npy" in result.stdout and "2 problem(s)" in result.stdout

@@ -1,0 +1,50 @@
+"""Windows cover every frame; whole-video prediction averages overlapping window outputs."""
+import numpy as np
+import pytest
+import torch
+
+from abaw.data import open_dataset
+from abaw.windows import WindowDataset, predict_video, window_starts
+
+
+@pytest.mark.parametrize("n", [1, 50, 300, 301, 499, 500, 501, 1234])
+def test_windows_cover_every_frame_and_end_at_the_video_end(n):
+    starts = window_starts(n, 300, 200)
+    covered = np.zeros(n, bool)
+    for s in starts:
+        covered[s:s + 300] = True
+    assert covered.all()
+    assert starts[-1] + 300 == n or (n <= 300 and starts == [0])
+    assert starts == sorted(set(starts))
+
+
+def test_short_video_is_one_padded_masked_window(tiny_root):
+    video = open_dataset(tiny_root).videos["a"]  # 20 frames
+    item = WindowDataset([video], ["visual", "audio"], window=32, hop=16)[0]
+    assert len(WindowDataset([video], ["visual"], window=32, hop=16)) == 1
+    assert item["visual"].shape == (32, 8) and item["audio"].shape == (32, 3)
+    assert item["mask"].sum() == 20 and not item["mask"][20:].any()
+    assert not item["label_mask"][3] and not item["label_mask"][20:].any()
+    assert torch.all(item["visual"][20:] == 0)
+
+
+class FrameEcho(torch.nn.Module):
+    """Outputs its first visual feature, plus the window position, to expose how windows are merged."""
+    modalities = ("visual",)
+
+    def forward(self, feats, mask):
+        x = feats["visual"][..., :1]
+        pos = torch.arange(x.shape[1], dtype=x.dtype)[None, :, None].expand_as(x)
+        return torch.cat([x, pos], dim=-1)
+
+
+def test_predict_video_averages_overlapping_windows(tiny_root):
+    video = open_dataset(tiny_root).videos["c"]
+    feats, _ = video.features("visual")
+    pred = predict_video(FrameEcho(), video, window=8, hop=5)
+    np.testing.assert_allclose(pred[:, 0], feats[:, 0], rtol=1e-6)  # identical per frame in every window
+    # window starts 0, 5, 10, 12: frame 6 is position 6 of window 0 and position 1 of window 5
+    assert pred[6, 1] == pytest.approx((6 + 1) / 2)
+    assert pred[19, 1] == pytest.approx(7)
+    full = predict_video(FrameEcho(), video, full_sequence=True)
+    np.testing.assert_allclose(full[:, 1], np.arange(20))
