@@ -56,9 +56,11 @@ def run_cv_main(argv: list[str] | None = None) -> int:
         return 1
     if args.check:
         return 0
+    from .cv import RunConflict, run_cv
+    from .folds import FoldError
+
     try:
-        from .cv import run_cv
-    except ImportError:
-        print("training is not available yet: only --check works in this version")
-        return 0
-    return run_cv(config, dataset)
+        return run_cv(config, dataset)
+    except (RunConflict, FoldError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=False, highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # soft_wrap: log lines stay greppable
 
 
 def table(rows: Iterable[dict], title: str | None = None, floats: str = "{:.4f}") -> Table:

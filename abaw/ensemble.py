@@ -1,0 +1,393 @@
+"""Merging several models' predictions of a video, and an honest report of what each merge buys.
+
+Mergers follow scikit-learn's estimator contract: ``__init__`` only stores parameters, ``fit``
+returns ``self``, learned attributes end with ``_``, ``predict`` applies them (a learned merger
+raises ``NotFittedError`` before ``fit``; the fixed ones need no fit, like sklearn's stateless
+transformers). Inputs to ``predict``:
+
+* one video: K member predictions, a sequence of (T, 2) arrays or a (K, T, 2) array -> (T, 2);
+* many videos: a dict video -> (K, T, 2) -> a dict video -> (T, 2).
+
+Members are fold models of one architecture (fold merges) or architectures (learned merges).
+
+Honesty rules (see :func:`honest_report`): a learned merge is fitted only on out-of-fold (OOF)
+predictions, i.e. on frames the merged models never trained on, and is scored only on frames it
+was not fitted on (nested across folds, or on a held-out validation set). In OOF every frame has
+exactly one fold model's prediction, so fold merges can only be scored on held-out validation
+videos or, on the demo dataset, on the test ground truth.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy.optimize import nnls
+from sklearn.base import BaseEstimator, clone
+from sklearn.utils.validation import check_is_fitted
+
+from .data import INVALID_LABEL
+from .metrics import ccc, score
+from .runs import MemberPredictions, stack_folds
+
+AGREEMENT_FLOOR = 1e-6  # CCC centering: below this summed agreement, the weighted level is meaningless
+
+
+def as_stack(predictions) -> np.ndarray:
+    """K member predictions of one video as a float64 (K, T, 2) array."""
+    stack = np.asarray(predictions, dtype=np.float64)
+    if stack.ndim != 3 or stack.shape[0] == 0 or stack.shape[2] != 2:
+        raise ValueError(f"expected K >= 1 member predictions of shape (T, 2), got an array of shape {stack.shape}")
+    return stack
+
+
+class Merger(BaseEstimator):
+    """Merges K member predictions (K, T, 2) of a video into one (T, 2)."""
+
+    def fit(self, X=None, y=None, mask=None) -> "Merger":
+        return self
+
+    def predict(self, X):
+        if isinstance(X, Mapping):
+            return {video: self._merge(as_stack(members)) for video, members in X.items()}
+        return self._merge(as_stack(X))
+
+    def _merge(self, stack: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class MeanMerge(Merger):
+    """The plain mean over members, frame by frame."""
+
+    def _merge(self, stack):
+        return stack.mean(axis=0)
+
+
+class MedianMerge(Merger):
+    """The median over members, frame by frame: robust to one member going astray."""
+
+    def _merge(self, stack):
+        return np.median(stack, axis=0)
+
+
+def pairwise_agreement(stack: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(K, 2): a_i = mean over j != i of CCC(x_i, x_j) on the valid frames, per dimension."""
+    k = len(stack)
+    total = np.zeros((k, 2))
+    for i in range(k):
+        for j in range(i + 1, k):
+            c = ccc(stack[i], stack[j], valid)
+            total[i] += c
+            total[j] += c
+    return total / (k - 1)
+
+
+def centering_level(means: np.ndarray, agreement: np.ndarray) -> np.ndarray:
+    """w = sum_i a_i m_i / sum_i a_i per dimension, with the guard of :class:`CCCCentering`."""
+    total = agreement.sum(axis=0)
+    trusted = total > AGREEMENT_FLOOR
+    weighted = (agreement * means).sum(axis=0) / np.where(trusted, total, 1.0)
+    level = np.where(trusted, weighted, means.mean(axis=0))
+    # With every a_i >= 0, w is a convex combination and the clip does nothing; a negative a_i can
+    # push w outside every member's level, which no member supports.
+    return np.clip(level, means.min(axis=0), means.max(axis=0))
+
+
+class CCCCentering(Merger):
+    """CCC centering (AVEC 2016 rater fusion), per video and dimension, over K members x_1..x_K:
+
+    m_i = temporal mean of x_i; a_i = mean over j != i of CCC(x_i, x_j);
+    w = sum_i a_i m_i / sum_i a_i; merged(t) = (1/K) sum_i (x_i(t) - m_i + w).
+
+    This is the plain mean plus one constant per video and dimension (w - mean_i m_i).
+
+    Guard: when sum_i a_i <= ``AGREEMENT_FLOOR`` (the members do not agree, or disagree), w is the
+    plain mean of the m_i, so the merge is the plain mean; and w is clipped to
+    [min_i m_i, max_i m_i], which changes nothing unless some a_i < 0. K = 1 returns the input.
+    Frames where a member is NaN are left out of m_i and a_i and stay NaN in the output. CCC is
+    :func:`abaw.metrics.ccc` (population moments).
+    """
+
+    def _merge(self, stack):
+        if len(stack) == 1:
+            return stack[0].copy()
+        valid = np.isfinite(stack).all(axis=(0, 2))
+        if not valid.any():
+            return stack.mean(axis=0)
+        filled = np.where(np.isfinite(stack), stack, 0.0)  # masked frames must not turn CCC into NaN
+        means = filled[:, valid].mean(axis=1)
+        level = centering_level(means, pairwise_agreement(filled, valid))
+        return stack.mean(axis=0) - means.mean(axis=0) + level
+
+
+def frames_for_fit(X, y, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """Members (M, N, 2) and labels (N, 2) of the frames usable for fitting: labelled, all members finite.
+
+    ``X``: dict video -> (M, T, 2) with ``y`` dict video -> (T, 2) (and ``mask`` dict video -> (T,)),
+    or arrays (M, N, 2), (N, 2), (N,).
+    """
+    if isinstance(X, Mapping):
+        videos = list(X)
+        for video in videos:
+            if len(y[video]) != np.shape(X[video])[1]:
+                raise ValueError(f"{video!r}: {np.shape(X[video])[1]} predicted frames but {len(y[video])} labels")
+        members = np.concatenate([as_stack(X[v]) for v in videos], axis=1)
+        labels = np.concatenate([np.asarray(y[v], np.float64) for v in videos])
+        mask = None if mask is None else np.concatenate([np.asarray(mask[v], bool) for v in videos])
+    else:
+        members, labels = as_stack(X), np.asarray(y, np.float64)
+    valid = (labels != INVALID_LABEL).all(axis=1) & np.isfinite(members).all(axis=(0, 2))
+    if mask is not None:
+        valid &= np.asarray(mask, bool)
+    if valid.sum() < 2:
+        raise ValueError(f"need at least 2 labelled frames predicted by every member to fit, got {int(valid.sum())}")
+    return members[:, valid], labels[valid]
+
+
+class WeightedCalibratedMerge(Merger):
+    """A learned merge: non-negative member weights, then an affine calibration, per dimension.
+
+    merged(t) = scale_d * sum_m weights_[d, m] x_m(t) + shift_d, weights summing to 1.
+
+    Averaging shrinks variance and CCC punishes that. For a fixed combination c, CCC(s c + b, y)
+    is maximised by matching the labels' mean and standard deviation, where it equals Pearson's
+    r(c, y); so the weights that maximise CCC after calibration are those that maximise r, which
+    non-negative least squares on centred data finds exactly. Both steps are closed-form.
+
+    Rules: weights are uniform when ``learn_weights`` is False, with one member, or when no
+    non-negative combination correlates positively with the labels; the scale stays 1 when
+    ``calibrate`` is False or the combination does not correlate positively with the labels.
+
+    Fit it only on predictions of frames the members never trained on (OOF), and score it only
+    on frames it was not fitted on (:func:`nested_predict`, or a held-out validation set).
+    """
+
+    def __init__(self, learn_weights: bool = True, calibrate: bool = True):
+        self.learn_weights = learn_weights
+        self.calibrate = calibrate
+
+    def fit(self, X, y, mask=None) -> "WeightedCalibratedMerge":
+        members, labels = frames_for_fit(X, y, mask)
+        n_members = len(members)
+        weights, scales, shifts = np.zeros((2, n_members)), np.ones(2), np.zeros(2)
+        for d in range(2):
+            x, target = members[:, :, d].T, labels[:, d]
+            weights[d] = self._weights(x, target)
+            scales[d], shifts[d] = self._calibration(x @ weights[d], target)
+        self.weights_, self.scale_, self.shift_ = weights, scales, shifts
+        self.n_members_ = n_members
+        self.n_fit_frames_ = members.shape[1]
+        return self
+
+    def _weights(self, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+        uniform = np.full(x.shape[1], 1.0 / x.shape[1])
+        if not self.learn_weights or x.shape[1] == 1:
+            return uniform
+        weights, _ = nnls(x - x.mean(axis=0), target - target.mean())
+        return weights / weights.sum() if weights.sum() > 0 else uniform
+
+    def _calibration(self, combined: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+        scale = 1.0
+        spread = combined.std()
+        covariance = np.mean((combined - combined.mean()) * (target - target.mean()))
+        if self.calibrate and spread > 1e-12 and covariance > 0:
+            scale = target.std() / spread
+        shift = target.mean() - scale * combined.mean() if self.calibrate else 0.0
+        return float(scale), float(shift)
+
+    def predict(self, X):
+        check_is_fitted(self)
+        return super().predict(X)
+
+    def _merge(self, stack):
+        if len(stack) != self.n_members_:
+            raise ValueError(f"fitted on {self.n_members_} members, got {len(stack)}")
+        return np.einsum("ktd,dk->td", stack, self.weights_) * self.scale_ + self.shift_
+
+    def describe(self) -> dict:
+        """The learned parameters as plain lists (for manifest.json)."""
+        check_is_fitted(self)
+        return {"weights": self.weights_.round(6).tolist(), "scale": self.scale_.round(6).tolist(),
+                "shift": self.shift_.round(6).tolist(), "fit_frames": int(self.n_fit_frames_)}
+
+
+MERGERS = {
+    "mean": MeanMerge,
+    "median": MedianMerge,
+    "ccc_centering": CCCCentering,
+    "calibrated_mean": lambda: WeightedCalibratedMerge(learn_weights=False),
+    "weighted_calibrated": WeightedCalibratedMerge,
+}
+FOLD_MERGES = ("mean", "median", "ccc_centering")  # need no labels: usable on test predictions directly
+LEARNED_MERGES = ("calibrated_mean", "weighted_calibrated")
+
+
+def make_merger(name: str) -> Merger:
+    if name not in MERGERS:
+        raise ValueError(f"unknown merge {name!r}; choose one of {', '.join(MERGERS)}")
+    return MERGERS[name]()
+
+
+def is_learned(name: str) -> bool:
+    make_merger(name)  # an unknown name is an error here too
+    return name in LEARNED_MERGES
+
+
+# ---------------------------------------------------------------------------------------------
+# Honest scoring
+
+
+def nested_predict(merger: Merger, X: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray],
+                   groups: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Predict every video with a clone of ``merger`` fitted on the videos of the other groups (folds).
+
+    So no prediction comes from a merge that saw its video's labels.
+    """
+    group_of = {video: groups[video] for video in X}
+    if len(set(group_of.values())) < 2:
+        raise ValueError("nested scoring needs videos from at least 2 folds")
+    out: dict[str, np.ndarray] = {}
+    for group in sorted(set(group_of.values())):
+        fit_on = [v for v in X if group_of[v] != group]
+        fitted = clone(merger).fit({v: X[v] for v in fit_on}, {v: y[v] for v in fit_on})
+        out.update(fitted.predict({v: X[v] for v in X if group_of[v] == group}))
+    return out
+
+
+def _to_length(array: np.ndarray, length: int) -> np.ndarray:
+    """Trim, or pad with NaN (unscored) frames, to the label length."""
+    if len(array) >= length:
+        return array[:length]
+    return np.concatenate([array, np.full((length - len(array), 2), np.nan)])
+
+
+def score_videos(predictions: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> dict:
+    """ABAW score over the videos' frames concatenated: labelled frames with a finite prediction."""
+    videos = list(predictions)
+    pred = np.concatenate([_to_length(np.asarray(predictions[v], np.float64), len(labels[v])) for v in videos])
+    target = np.concatenate([np.asarray(labels[v], np.float64) for v in videos])
+    valid = (target != INVALID_LABEL).all(axis=1) & np.isfinite(pred).all(axis=1)
+    result = score(np.where(valid[:, None], pred, 0.0), target, valid)
+    return {**result, "frames": int(valid.sum())}
+
+
+def stack_members(per_member: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Member -> video -> (T, 2) into video -> (M, T, 2), over the videos every member predicted."""
+    videos = [v for v in per_member[0] if all(v in m for m in per_member[1:])]
+    return {v: np.stack([m[v] for m in per_member]) for v in videos}
+
+
+TEST_SOURCE = "test ground truth (demo)"
+NOT_ON_OOF = "not scorable on OOF: each OOF frame has one fold model's prediction"
+
+
+def _row(model: str, scored_on: str, result: dict | None = None, videos: int | None = None) -> dict:
+    result = result or {}
+    where = scored_on if videos is None else f"{scored_on}, {videos} videos"
+    return {"model": model, "ccc_v": result.get("valence"), "ccc_a": result.get("arousal"),
+            "mean": result.get("mean"), "frames": result.get("frames"), "scored_on": where}
+
+
+def _average_row(rows: list[dict], model: str, scored_on: str | None = None) -> dict:
+    """The average of single models' scores: the bar a merge of those models has to clear."""
+    average = {key: float(np.mean([r[key] for r in rows])) for key in ("ccc_v", "ccc_a", "mean")}
+    return {**rows[0], **average, "model": model, "frames": None, "scored_on": scored_on or rows[0]["scored_on"]}
+
+
+def _members(count: int) -> str:
+    return f"{count} member" + ("s" if count > 1 else "")
+
+
+def single_fold_rows(member: MemberPredictions, labels: Mapping, truth: Mapping | None) -> list[dict]:
+    """Each fold model on data it never saw: held-out validation videos, else its own OOF fold."""
+    rows = []
+    for k in member.folds:
+        if member.holdout:
+            rows.append(_row(f"{member.label} fold {k}", "holdout validation",
+                             score_videos(member.holdout[k], labels), len(member.holdout[k])))
+        else:
+            own = {v: member.oof[v] for v, fold in member.oof_fold.items() if fold == k}
+            rows.append(_row(f"{member.label} fold {k}", f"OOF fold {k}", score_videos(own, labels) if own else None,
+                             len(own)))
+    if all(r["mean"] is not None for r in rows):
+        where = None if member.holdout else "OOF, each fold model on its own fold"
+        rows.append(_average_row(rows, f"{member.label} fold models: average score", where))
+    if truth is not None:
+        test_rows = [_row(f"{member.label} fold {k}", TEST_SOURCE, score_videos(member.test[k], truth),
+                          len(member.test[k])) for k in member.folds]
+        rows += test_rows + [_average_row(test_rows, f"{member.label} fold models: average score")]
+    return rows
+
+
+def fold_merge_rows(member: MemberPredictions, labels: Mapping, truth: Mapping | None,
+                    names: Sequence[str] = FOLD_MERGES) -> list[dict]:
+    """Each fold merge (the plain mean always beside CCC centering) on the held-out or demo test data."""
+    rows = []
+    if member.holdout:
+        stacks = stack_folds(member.holdout, f"{member.label} holdout predictions")
+        rows += [_row(f"{member.label} folds merged: {name}", "holdout validation",
+                      score_videos(make_merger(name).predict(stacks), labels), len(stacks)) for name in names]
+    else:
+        rows.append(_row(f"{member.label} folds merged: {', '.join(names)}", NOT_ON_OOF))
+    if truth is not None:
+        stacks = stack_folds(member.test, f"{member.label} test predictions")
+        rows += [_row(f"{member.label} folds merged: {name}", TEST_SOURCE,
+                      score_videos(make_merger(name).predict(stacks), truth), len(stacks)) for name in names]
+    return rows
+
+
+def fold_merged(member: MemberPredictions, name: str, which: str = "test") -> dict[str, np.ndarray]:
+    """One member's fold predictions (``test`` or ``holdout``) merged across folds by ``name``."""
+    by_fold = member.test if which == "test" else member.holdout
+    return make_merger(name).predict(stack_folds(by_fold, f"{member.label} {which} predictions"))
+
+
+def ensemble_rows(members: Sequence[MemberPredictions], labels: Mapping, truth: Mapping | None,
+                  fold_merges: Sequence[str] = FOLD_MERGES, learned: Sequence[str] = LEARNED_MERGES) -> list[dict]:
+    """The cross-architecture mean and the learned merges, each on data it (and its models) never saw."""
+    rows = []
+    all_holdout = all(m.holdout for m in members)
+    size = _members(len(members))
+    if len(members) > 1:
+        if all_holdout:
+            for name in fold_merges:
+                merged = MeanMerge().predict(stack_members([fold_merged(m, name, "holdout") for m in members]))
+                rows.append(_row(f"mean over {size} of fold {name}", "holdout validation",
+                                 score_videos(merged, labels), len(merged)))
+        else:
+            merged = MeanMerge().predict(stack_members([m.oof for m in members]))
+            rows.append(_row(f"mean over {size} (OOF predictions)", "OOF, all folds", score_videos(merged, labels),
+                             len(merged)))
+        if truth is not None:
+            for name in fold_merges:
+                merged = MeanMerge().predict(stack_members([fold_merged(m, name) for m in members]))
+                rows.append(_row(f"mean over {size} of fold {name}", TEST_SOURCE, score_videos(merged, truth),
+                                 len(merged)))
+    oof = stack_members([m.oof for m in members])
+    for name in learned:
+        model = f"{name} over {size} (of fold means)"
+        if all_holdout:
+            fitted = make_merger(name).fit(oof, labels)
+            merged = fitted.predict(stack_members([fold_merged(m, "mean", "holdout") for m in members]))
+            rows.append(_row(model, "holdout validation; fitted on OOF", score_videos(merged, labels), len(merged)))
+        else:
+            merged = nested_predict(make_merger(name), oof, labels, members[0].oof_fold)
+            rows.append(_row(f"{name} over {size}", "OOF, nested: fitted on the other folds' OOF",
+                             score_videos(merged, labels), len(merged)))
+        if truth is not None:
+            fitted = make_merger(name).fit(oof, labels)
+            merged = fitted.predict(stack_members([fold_merged(m, "mean") for m in members]))
+            rows.append(_row(model, f"{TEST_SOURCE}; fitted on OOF", score_videos(merged, truth), len(merged)))
+    return rows
+
+
+def honest_report(members: Sequence[MemberPredictions], labels: Mapping[str, np.ndarray],
+                  truth: Mapping[str, np.ndarray] | None = None) -> list[dict]:
+    """One row per model or merge, each scored on data neither it nor its models were fitted on.
+
+    Columns: model, ccc_v, ccc_a, mean, frames (scored), scored_on. ``labels``: train+val labels
+    per video (-5 unlabelled); ``truth``: the demo's test labels, or None on real data.
+    """
+    rows = []
+    for member in members:
+        rows += single_fold_rows(member, labels, truth) + fold_merge_rows(member, labels, truth)
+    return rows + ensemble_rows(members, labels, truth)

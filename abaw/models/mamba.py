@@ -1,0 +1,510 @@
+"""Mamba (Mamba-1 selective state-space) block in pure PyTorch, with optional CUDA kernels.
+
+Reference: A. Gu and T. Dao, "Mamba: Linear-Time Sequence Modeling with Selective State
+Spaces", arXiv:2312.00752 (2023); official code https://github.com/state-spaces/mamba.
+
+:class:`Mamba` is a drop-in copy of ``mamba_ssm.modules.mamba_simple.Mamba`` (mamba-ssm
+1.x/2.x): same constructor signature, same parameter names, shapes and initialisation, so a
+``state_dict`` saved from ``mamba_ssm.Mamba`` loads here with ``strict=True`` and vice versa
+(keys: ``A_log, D, in_proj.weight, conv1d.weight, conv1d.bias, x_proj.weight,
+dt_proj.weight, dt_proj.bias, out_proj.weight`` (+ ``in_proj.bias``/``out_proj.bias`` when
+``bias=True``); no buffers).
+
+Execution paths (chosen per call in :meth:`Mamba.forward`):
+
+* ``mamba_ssm`` importable, ``use_fast_path=True`` and the input on CUDA: the fused
+  ``mamba_inner_fn`` kernel (or ``selective_scan_fn`` + ``causal_conv1d_fn`` when the fused
+  kernel cannot be used), exactly as ``mamba_simple.Mamba`` does.  ``mamba-ssm`` only builds
+  and imports on CUDA machines; it is the optional extra ``pip install abaw[cuda]``.
+* otherwise (CPU, or no ``mamba_ssm``): the same math with :func:`selective_scan`, a chunked,
+  checkpointed scan written in plain PyTorch (below).
+
+The pure-PyTorch selective scan
+-------------------------------
+Per batch ``b``, channel ``d`` and state ``n`` the recurrence is (``t`` = time)::
+
+    a_t = exp(dt_t * A)            (<= 1, because dt_t >= 0 and A < 0)
+    h_t = a_t * h_{t-1} + dt_t * B_t * u_t
+    y_t = sum_n C_t * h_t  (+ D * u_t, then * silu(z_t))
+
+A Python loop over ``t`` is slow (``L`` tiny kernels, and autograd through ``L`` slices is
+quadratic in ``L``), and materialising the ``(B, L, D, N)`` state tensor for autograd costs
+``4*B*L*D*N`` bytes per saved copy (1.3 GB per layer at B=8, L=4800, D=512, N=16).  We use
+a two-level blocked scan instead:
+
+1. the sequence is cut into *chunks* of ``chunk_size`` frames; the local scan (zero initial
+   state) runs for all chunks at once, i.e. the Python loop has ``chunk_size`` steps, each
+   a vectorised op over every chunk.  The same loop forms the cumulative decay from the
+   chunk start, ``P_t = exp(sum_{s<=t} dt_s A)`` (a cumulative *product* of factors <= 1:
+   never overflows, underflows harmlessly to 0 - unlike the ``exp(-cumsum)`` factorisation,
+   which overflows float32 as soon as the summed log-decay of a chunk passes ~88, which
+   large dt easily does);
+2. a short loop over chunks carries the true state across chunk boundaries,
+   ``H_c = P_end * H_{c-1} + h_end``, on ``(B, D, N)`` tensors;
+3. every frame is corrected at once: ``h_t = h_local_t + P_t * H_{c-1}``.
+
+The backward pass runs the same scheme in reverse for the adjoint state
+``lambda_t = g_t C_t + a_{t+1} lambda_{t+1}``.  Chunks are grouped into *segments*
+(``segment_len`` frames) processed one after the other; the :class:`torch.autograd.Function`
+saves only its inputs and the ``(B, D, N)`` state at each segment start, and the backward
+recomputes each segment's states (gradient checkpointing), so memory is
+``O(B*L*D + B*segment_len*D*N)``: linear in ``L`` and small.  Segments are kept small
+(~16 MB per work buffer) on purpose: work buffers stay cache-resident, and the allocator
+reuses them instead of returning them to the OS (large CPU allocations are otherwise
+mmap'ed and page-faulted afresh on every call, which costs more than the arithmetic).
+
+Deliberate deviations from mamba-ssm
+------------------------------------
+* No inference cache: ``forward(hidden_states)`` only; ``inference_params``, ``step`` and
+  ``allocate_inference_cache`` are not provided (training / whole-sequence use only).
+* :func:`selective_scan` supports real ``A`` of shape ``(D, N)`` and input-dependent ``B``/
+  ``C`` of shape ``(B, N, L)`` (what ``Mamba`` uses); not complex ``A``, grouped
+  ``(B, G, N, L)`` or input-independent ``(D, N)`` ``B``/``C``, and not
+  ``return_last_state``.
+* The pure-PyTorch path projects with ``in_proj(hidden_states)`` in ``(B, L, D)`` layout
+  instead of mamba-ssm's ``weight @ x`` in ``(D, B*L)`` layout (identical math; avoids
+  transposes on CPU).  The scan always runs in float32 (as the CUDA kernel accumulates in
+  float32), also under bf16/fp16 autocast; its output is cast back to the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Optional fused CUDA kernels, imported the way mamba_ssm.modules.mamba_simple does.  These
+# packages only build/import on machines with CUDA; on CPU they are simply absent.
+try:
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+except (ImportError, OSError):  # OSError: installed but its CUDA libraries are missing
+    mamba_inner_fn, selective_scan_fn = None, None
+
+try:
+    from causal_conv1d import causal_conv1d_fn
+except (ImportError, OSError):
+    causal_conv1d_fn = None
+
+__all__ = ["Mamba", "selective_scan", "selective_scan_sequential"]
+
+# Tuned on a 2-core CPU for B=8, D=512, N=16 (see benchmarks/bench_mamba.py).
+DEFAULT_CHUNK_SIZE = 8
+DEFAULT_SEGMENT_LEN = 64
+
+
+# --------------------------------------------------------------------------------------
+# chunked scan kernels (operate in place on per-segment work buffers)
+# --------------------------------------------------------------------------------------
+def _states_(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Forward scan of one segment, in place.
+
+    a:  (B, S, D, N) decays exp(dt*A) on entry; cumulative decays from each chunk start on exit.
+    x:  (B, S, D, N) inputs dt*B*u on entry; states h_t on exit.
+    h0: (B, D, N) state before the segment.  Returns the state after the segment's last frame.
+    S must be a multiple of ``chunk``.
+    """
+    bsz, seg, dim, nst = a.shape
+    n_chunks = seg // chunk
+    a5 = a.view(bsz, n_chunks, chunk, dim, nst)  # (B, nC, T, D, N)
+    x5 = x.view(bsz, n_chunks, chunk, dim, nst)
+    # 1. local scans of all chunks at once (zero initial state): `chunk` vectorised steps.
+    for t in range(1, chunk):
+        x5[:, :, t].addcmul_(a5[:, :, t], x5[:, :, t - 1])  # h_t = a_t h_{t-1} + x_t
+        a5[:, :, t].mul_(a5[:, :, t - 1])  # P_t = a_t P_{t-1}  (<= 1, no overflow)
+    # 2. carry the true state across chunk boundaries: short loop over chunks, (B, D, N).
+    h_in = x.new_empty(bsz, n_chunks, dim, nst)  # true state entering each chunk
+    h = h0
+    for c in range(n_chunks):
+        h_in[:, c] = h
+        h = torch.addcmul(x5[:, c, -1], a5[:, c, -1], h)
+    # 3. add the contribution of the entering state to every frame: h_t += P_t H_{c-1}.
+    x5.addcmul_(a5, h_in[:, :, None])
+    return h
+
+
+def _adjoints_(a: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, nu: torch.Tensor,
+               chunk: int) -> torch.Tensor:
+    """Reverse (adjoint) scan of one segment, in place.
+
+    a:   (B, S, D, N) decays exp(dt*A) (read only).
+    lam: (B, S, D, N) g_t*C_t on entry; adjoint states lambda_t = dLoss/dh_t on exit, where
+         lambda_t = g_t C_t + a_{t+1} lambda_{t+1}.
+    q:   (B, S, D, N) workspace (overwritten).
+    nu:  (B, D, N) a_{t+1} lambda_{t+1} for the frame just after the segment (0 at the end).
+    Returns a_t lambda_t for the segment's first frame (``nu`` of the previous segment).
+    """
+    bsz, seg, dim, nst = a.shape
+    n_chunks = seg // chunk
+    a5 = a.view(bsz, n_chunks, chunk, dim, nst)
+    l5 = lam.view(bsz, n_chunks, chunk, dim, nst)
+    q5 = q.view(bsz, n_chunks, chunk, dim, nst)
+    # 1. local reverse scans; q_t = prod_{r=t+1}^{chunk end} a_r (<= 1).
+    q5[:, :, -1].fill_(1.0)
+    for t in range(chunk - 2, -1, -1):
+        l5[:, :, t].addcmul_(a5[:, :, t + 1], l5[:, :, t + 1])
+        torch.mul(q5[:, :, t + 1], a5[:, :, t + 1], out=q5[:, :, t])
+    # 2. carry across chunk boundaries, last chunk first.
+    nu_in = lam.new_empty(bsz, n_chunks, dim, nst)  # a*lambda entering each chunk's end
+    for c in range(n_chunks - 1, -1, -1):
+        nu_in[:, c] = nu
+        nu = a5[:, c, 0] * torch.addcmul(l5[:, c, 0], q5[:, c, 0], nu)
+    # 3. lambda_t += q_t * nu_c
+    l5.addcmul_(q5, nu_in[:, :, None])
+    return nu
+
+
+class _ChunkedScanFn(torch.autograd.Function):
+    """y = C . h with h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, all in (B, L, .) layout.
+
+    Inputs (float32, contiguous): u, delta (B, L, D); A (D, N); Bm, Cm (B, L, N).
+    L must be a multiple of ``chunk`` and ``segment`` a multiple of ``chunk``.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, Bm, Cm, chunk: int, segment: int):
+        with torch.autocast(u.device.type, enabled=False):
+            bsz, seqlen, dim = u.shape
+            nst = A.shape[1]
+            segment = min(segment, seqlen)
+            du = delta * u  # (B, L, D)
+            y = u.new_empty(bsz, seqlen, dim)
+            # Flat work buffers, re-viewed per segment (the last one may be shorter and still
+            # gets a contiguous view from the front of the buffer).
+            buf_a = u.new_empty(bsz * segment * dim * nst)
+            buf_x = u.new_empty(bsz * segment * dim * nst)
+            h = u.new_zeros(bsz, dim, nst)
+            h_starts = []
+            for s0 in range(0, seqlen, segment):
+                s1 = min(s0 + segment, seqlen)
+                shape = (bsz, s1 - s0, dim, nst)
+                a = buf_a[: math.prod(shape)].view(shape)
+                x = buf_x[: math.prod(shape)].view(shape)
+                torch.mul(delta[:, s0:s1, :, None], A, out=a).exp_()  # (B, S, D, N)
+                torch.mul(du[:, s0:s1, :, None], Bm[:, s0:s1, None, :], out=x)
+                h_starts.append(h)
+                h = _states_(a, x, h, chunk)
+                y[:, s0:s1] = torch.matmul(x, Cm[:, s0:s1, :, None]).squeeze(-1)
+            ctx.save_for_backward(u, delta, A, Bm, Cm, torch.stack(h_starts))
+            ctx.chunk, ctx.segment = chunk, segment
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        u, delta, A, Bm, Cm, h_starts = ctx.saved_tensors
+        chunk, segment = ctx.chunk, ctx.segment
+        with torch.autocast(u.device.type, enabled=False):
+            gy = gy.float().contiguous()
+            bsz, seqlen, dim = u.shape
+            nst = A.shape[1]
+            du = delta * u
+            grad_u = torch.empty_like(u)
+            grad_delta = torch.empty_like(delta)
+            grad_B = torch.empty_like(Bm)
+            grad_C = torch.empty_like(Cm)
+            grad_A = torch.zeros_like(A)
+            numel = bsz * segment * dim * nst
+            buf_a, buf_x, buf_q, buf_l = (u.new_empty(numel) for _ in range(4))
+            nu = u.new_zeros(bsz, dim, nst)
+            starts = list(range(0, seqlen, segment))
+            for i in range(len(starts) - 1, -1, -1):
+                s0 = starts[i]
+                s1 = min(s0 + segment, seqlen)
+                shape = (bsz, s1 - s0, dim, nst)
+                n = math.prod(shape)
+                a, x, q, lam = (b[:n].view(shape) for b in (buf_a, buf_x, buf_q, buf_l))
+                d_s, u_s, du_s, g_s = delta[:, s0:s1], u[:, s0:s1], du[:, s0:s1], gy[:, s0:s1]
+                B_s, C_s = Bm[:, s0:s1], Cm[:, s0:s1]
+                # recompute this segment's states (checkpointing); q = cumulative decays
+                torch.mul(d_s[..., None], A, out=a).exp_()
+                torch.mul(du_s[..., None], B_s[:, :, None, :], out=x)
+                q.copy_(a)
+                h0 = h_starts[i]
+                _states_(q, x, h0, chunk)  # x = h (B, S, D, N)
+                grad_C[:, s0:s1] = torch.matmul(g_s[:, :, None, :], x).squeeze(-2)
+                # adjoint states
+                torch.mul(g_s[..., None], C_s[:, :, None, :], out=lam)
+                nu = _adjoints_(a, lam, q, nu, chunk)
+                lam_B = torch.matmul(lam, B_s[..., None]).squeeze(-1)  # (B, S, D)
+                grad_u[:, s0:s1] = d_s * lam_B
+                grad_B[:, s0:s1] = torch.matmul(du_s[:, :, None, :], lam).squeeze(-2)
+                # w = lambda_t * a_t * h_{t-1} = dLoss/d(dt_t A), computed in place into `a`
+                a[:, 1:].mul_(x[:, :-1])
+                a[:, 0].mul_(h0)
+                a.mul_(lam)
+                # dLoss/d dt = u * sum_n lambda B + sum_n A w ;  dLoss/dA = sum_{b,t} dt w
+                gd = torch.einsum("bsdn,dn->bsd", a, A)
+                gd.addcmul_(u_s, lam_B)
+                grad_delta[:, s0:s1] = gd
+                # sum over (b, t) as a batched GEMM over d: (D, 1, K) @ (D, K, N)
+                k = shape[0] * shape[1]
+                grad_A += torch.matmul(
+                    d_s.reshape(k, dim).t()[:, None, :], a.view(k, dim, nst).transpose(0, 1)
+                ).squeeze(1)
+        return grad_u, grad_delta, grad_A, grad_B, grad_C, None, None
+
+
+def _selective_scan_bld(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                        delta_softplus=False, chunk_size=None, segment_len=None):
+    """Pure-PyTorch selective scan in (B, L, .) layout.
+
+    u, delta, z: (B, L, D); A: (D, N); B, C: (B, L, N); D, delta_bias: (D,).
+    Returns y (B, L, D) in u's dtype.
+    """
+    chunk = chunk_size or DEFAULT_CHUNK_SIZE
+    segment = segment_len or DEFAULT_SEGMENT_LEN
+    segment = max(chunk, segment // chunk * chunk)  # a whole number of chunks
+    dtype_in = u.dtype
+    with torch.autocast(u.device.type, enabled=False):
+        # The cheap (B, L, D) elementwise parts stay in ordinary autograd; only the scan
+        # core is a custom Function.  Everything runs in float32.
+        u32 = u.float()
+        delta = delta.float()
+        if delta_bias is not None:
+            delta = delta + delta_bias.float()
+        if delta_softplus:
+            delta = F.softplus(delta)
+        seqlen = u.shape[1]
+        pad = (-seqlen) % chunk
+        args = [u32, delta, B.float(), C.float()]
+        if pad:
+            # Padding at the end cannot influence earlier frames (causal scan); the padded
+            # outputs are dropped, so their gradients are zero.
+            args = [F.pad(t, (0, 0, 0, pad)) for t in args]
+        u_p, d_p, B_p, C_p = (t.contiguous() for t in args)
+        y = _ChunkedScanFn.apply(u_p, d_p, A.float().contiguous(), B_p, C_p, chunk, segment)
+        if pad:
+            y = y[:, :seqlen]
+        if D is not None:
+            y = y + u32 * D.float()
+        if z is not None:
+            y = y * F.silu(z.float())
+    return y.to(dtype_in)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   chunk_size=None, segment_len=None):
+    """Pure-PyTorch chunked selective scan with mamba-ssm's ``selective_scan_fn`` layout.
+
+    u, delta: (B, D, L); A: (D, N) real, negative for a stable scan; B, C: (B, N, L);
+    D: (D,); z: (B, D, L); delta_bias: (D,).  Returns (B, D, L) in u's dtype.
+    Memory is linear in L (see the module docstring); works on any device.
+    """
+    y = _selective_scan_bld(
+        u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+        D=D, z=None if z is None else z.transpose(1, 2), delta_bias=delta_bias,
+        delta_softplus=delta_softplus, chunk_size=chunk_size, segment_len=segment_len,
+    )
+    return y.transpose(1, 2)
+
+
+def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                              delta_softplus=False):
+    """Obviously-correct per-time-step reference (tests only: slow, quadratic backward).
+
+    Same arguments and layout as :func:`selective_scan` / mamba-ssm's ``selective_scan_ref``.
+    """
+    dtype_in = u.dtype
+    u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    bsz, dim, seqlen = u.shape
+    h = u.new_zeros(bsz, dim, A.shape[1])  # (B, D, N)
+    ys = []
+    for t in range(seqlen):
+        a_t = torch.exp(delta[:, :, t, None] * A)  # (B, D, N)
+        x_t = (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]  # (B, D, N)
+        h = a_t * h + x_t
+        ys.append((h * C[:, None, :, t]).sum(-1))  # (B, D)
+    y = torch.stack(ys, dim=-1)  # (B, D, L)
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype_in)
+
+
+class Mamba(nn.Module):
+    """Mamba-1 block, parameter-compatible with ``mamba_ssm.modules.mamba_simple.Mamba``.
+
+    ``forward(hidden_states)``: (B, L, d_model) -> (B, L, d_model); causal in L.
+    """
+
+    def __init__(
+        self,
+        d_model,
+        d_state=16,
+        d_conv=4,
+        expand=2,
+        dt_rank="auto",
+        dt_min=0.001,
+        dt_max=0.1,
+        dt_init="random",
+        dt_scale=1.0,
+        dt_init_floor=1e-4,
+        conv_bias=True,
+        bias=False,
+        use_fast_path=True,  # fused CUDA kernel when mamba_ssm is importable and input on CUDA
+        layer_idx=None,
+        device=None,
+        dtype=None,
+    ):
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(self.expand * self.d_model)
+        self.dt_rank = math.ceil(self.d_model / 16) if dt_rank == "auto" else dt_rank
+        self.use_fast_path = use_fast_path
+        self.layer_idx = layer_idx
+        # Pure-PyTorch scan tuning knobs (not in mamba-ssm; not part of the state_dict).
+        self.chunk_size = DEFAULT_CHUNK_SIZE
+        self.segment_len = DEFAULT_SEGMENT_LEN
+
+        self.in_proj = nn.Linear(self.d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
+
+        # Depthwise causal conv: pad both sides by d_conv-1 and keep the first L outputs.
+        self.conv1d = nn.Conv1d(
+            in_channels=self.d_inner,
+            out_channels=self.d_inner,
+            bias=conv_bias,
+            kernel_size=d_conv,
+            groups=self.d_inner,
+            padding=d_conv - 1,
+            **factory_kwargs,
+        )
+
+        self.activation = "silu"
+        self.act = nn.SiLU()
+
+        self.x_proj = nn.Linear(
+            self.d_inner, self.dt_rank + self.d_state * 2, bias=False, **factory_kwargs
+        )
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory_kwargs)
+
+        # Special dt projection init to preserve variance at initialisation.
+        dt_init_std = self.dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        else:
+            raise NotImplementedError(f"dt_init={dt_init!r}")
+
+        # dt bias such that softplus(dt_bias) is log-uniform in [dt_min, dt_max].
+        dt = torch.exp(
+            torch.rand(self.d_inner, **factory_kwargs) * (math.log(dt_max) - math.log(dt_min))
+            + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        # Inverse of softplus: https://github.com/pytorch/pytorch/issues/72759
+        inv_dt = dt + torch.log(-torch.expm1(-dt))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_dt)
+        # A global init that zeroes Linear biases must skip this one.
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real initialisation: A = -(1, 2, ..., N) for every channel; stored as log(-A)
+        # in float32 whatever `dtype` is (as mamba-ssm does).
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device)
+        A = A.repeat(self.d_inner, 1).contiguous()  # (d_inner, d_state)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+
+        # D "skip" parameter, float32.
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias, **factory_kwargs)
+
+    def forward(self, hidden_states):
+        """hidden_states: (B, L, d_model) -> (B, L, d_model)."""
+        if (
+            hidden_states.is_cuda
+            and self.use_fast_path
+            and mamba_inner_fn is not None
+            and causal_conv1d_fn is not None
+        ):
+            return self._forward_fused(hidden_states)
+        if hidden_states.is_cuda and selective_scan_fn is not None:
+            return self._forward_cuda_unfused(hidden_states)
+        return self._forward_torch(hidden_states)
+
+    # -- CUDA paths (mamba_ssm kernels), mirroring mamba_simple.Mamba.forward ---------------
+    def _in_proj_bdl(self, hidden_states):
+        """in_proj computed directly in (B, 2*d_inner, L) layout, the kernels' layout."""
+        seqlen = hidden_states.shape[1]
+        # (2*d_inner, d_model) @ (d_model, B*L): matmul and transpose BLH -> HBL in one go.
+        xz = self.in_proj.weight @ hidden_states.reshape(-1, self.d_model).t()
+        xz = xz.reshape(xz.shape[0], -1, seqlen).transpose(0, 1)  # (B, 2*d_inner, L)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(dtype=xz.dtype)[:, None]
+        return xz
+
+    def _forward_fused(self, hidden_states):
+        xz = self._in_proj_bdl(hidden_states)
+        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        return mamba_inner_fn(
+            xz,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.x_proj.weight,
+            self.dt_proj.weight,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            A,
+            None,  # input-dependent B
+            None,  # input-dependent C
+            self.D.float(),
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+
+    def _forward_cuda_unfused(self, hidden_states):
+        batch, seqlen, _ = hidden_states.shape
+        xz = self._in_proj_bdl(hidden_states)
+        A = -torch.exp(self.A_log.float())
+        x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
+        if causal_conv1d_fn is None:
+            x = self.act(self.conv1d(x)[..., :seqlen])
+        else:
+            x = causal_conv1d_fn(
+                x=x,
+                weight=self.conv1d.weight.squeeze(1),  # (d_inner, 1, w) -> (d_inner, w)
+                bias=self.conv1d.bias,
+                activation=self.activation,
+            )
+        x_dbl = self.x_proj(x.transpose(1, 2).reshape(batch * seqlen, -1))  # (B*L, R+2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # The kernel wants d slowest and L fastest: (B, D, L) / (B, N, L), contiguous.
+        dt = self.dt_proj.weight @ dt.t()  # (d_inner, B*L); bias is added inside softplus
+        dt = dt.reshape(-1, batch, seqlen).transpose(0, 1)  # (B, d_inner, L)
+        B = B.reshape(batch, seqlen, -1).transpose(1, 2).contiguous()  # (B, N, L)
+        C = C.reshape(batch, seqlen, -1).transpose(1, 2).contiguous()
+        y = selective_scan_fn(
+            x, dt, A, B, C, self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )  # (B, d_inner, L)
+        return self.out_proj(y.transpose(1, 2))
+
+    # -- pure-PyTorch path ---------------------------------------------------------------
+    def _forward_torch(self, hidden_states):
+        seqlen = hidden_states.shape[1]
+        xz = self.in_proj(hidden_states)  # (B, L, 2*d_inner)
+        x, z = xz.chunk(2, dim=-1)  # (B, L, d_inner) each
+        # Causal depthwise conv: Conv1d pads d_conv-1 on both sides; keeping the first L
+        # outputs means frame t only sees frames t-d_conv+1 .. t.
+        x = self.act(self.conv1d(x.transpose(1, 2))[..., :seqlen]).transpose(1, 2)
+        x_dbl = self.x_proj(x)  # (B, L, dt_rank + 2*d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, d_inner); bias goes inside softplus
+        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        y = _selective_scan_bld(
+            x, dt, A, B, C, self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            chunk_size=self.chunk_size, segment_len=self.segment_len,
+        )  # (B, L, d_inner)
+        return self.out_proj(y)

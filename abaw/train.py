@@ -1,0 +1,265 @@
+"""Train one model on one fold: masked CCC loss, AdamW with warm-up + cosine, early stopping.
+
+A fold folder holds ``model.pt`` (best epoch), ``history.csv``, ``last.pt`` (resume checkpoint,
+deleted once the fold completes) and ``metrics.json``, written last: its presence marks the fold
+complete. Every file is written atomically, so a kill at any point loses at most the epoch in flight.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from .config import RunConfig
+from .data import Dataset, VideoRecord
+from .io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+from .metrics import ccc_loss, score
+from .models import create_model
+from .windows import WindowDataset, predict_video
+
+EpochCallback = Callable[[int, float], None]  # (epoch, validation CCC); may raise to stop (e.g. pruning)
+ProgressCallback = Callable[[dict], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: this fold stops, the others go on."""
+
+
+@dataclass
+class FoldResult:
+    arch: str
+    fold: int
+    status: str  # "completed" | "failed"
+    valence: float = float("nan")
+    arousal: float = float("nan")
+    mean: float = float("nan")
+    best_epoch: int = -1
+    epochs_run: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {requested} asked for CUDA, but torch sees no GPU")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(config: RunConfig, arch: str, dataset: Dataset) -> torch.nn.Module:
+    """The architecture at the run's size, with the dataset's feature dims and the run's overrides."""
+    from .models import model_info
+
+    overrides = dict(config.model.get(arch, {}))
+    info = model_info(arch, size=config.size, input_dims=dataset.modalities, **overrides)
+    if config.dropout is not None and any(f.name == "dropout" for f in fields(info.config)):
+        overrides.setdefault("dropout", config.dropout)
+    missing = [m for m in info.modalities if m not in dataset.modalities]
+    if missing:
+        raise ValueError(f"{arch} needs modalities {list(info.modalities)} but {dataset.root}/features has "
+                         f"no {missing}; available: {sorted(dataset.modalities)}")
+    return create_model(arch, size=config.size, input_dims=dataset.modalities, **overrides)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and Mamba's A_log / D (flagged _no_weight_decay, as mamba-ssm does)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or getattr(param, "_no_weight_decay", False) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def evaluate(model, videos: list[VideoRecord], config: RunConfig, device) -> tuple[dict[str, float], dict]:
+    """Whole-video predictions of ``videos`` and their CCC over all labelled frames concatenated."""
+    preds = {v.name: predict_video(model, v, config.window, config.hop, device, config.full_sequence_predict)
+             for v in videos}
+    labelled = [v for v in videos if v.labels is not None]
+    if not labelled:
+        return {}, preds
+    pred = np.concatenate([preds[v.name] for v in labelled])
+    target = np.concatenate([v.labels for v in labelled])
+    mask = np.concatenate([v.label_mask for v in labelled])
+    return score(pred, target, mask), preds
+
+
+def save_predictions(path: Path, preds: dict[str, np.ndarray], videos: list[VideoRecord], labelled_only: bool,
+                     fold: int | None = None) -> None:
+    """CSV ``video,frame,valence,arousal[,fold]`` with 1-based frames (as in ``image_location``)."""
+    frames = []
+    for video in videos:
+        pred = preds[video.name]
+        keep = video.label_mask if labelled_only else np.ones(len(pred), bool)
+        index = np.flatnonzero(keep)
+        part = pd.DataFrame({"video": video.name, "frame": index + 1,
+                             "valence": pred[index, 0], "arousal": pred[index, 1]})
+        if fold is not None:
+            part["fold"] = fold
+        frames.append(part)
+    with atomic_path(path) as tmp:
+        pd.concat(frames).to_csv(tmp, index=False, float_format="%.6f")
+
+
+class FoldTrainer:
+    """Trains ``arch`` on every train+val video outside ``fold``, validating on the fold."""
+
+    def __init__(self, config: RunConfig, arch: str, fold: int, dataset: Dataset, folds: pd.DataFrame,
+                 out_dir: str | Path, device: torch.device | None = None,
+                 epoch_callback: EpochCallback | None = None, progress: ProgressCallback | None = None):
+        self.config, self.arch, self.fold, self.dataset = config, arch, fold, dataset
+        self.out = Path(out_dir)
+        self.device = device or resolve_device(config.device)
+        self.epoch_callback = epoch_callback
+        self.progress = progress or (lambda event: None)
+        fold_of = dict(zip(folds["video"], folds["fold"]))
+        labelled = dataset.split("train", "val")
+        self.train_videos = [v for v in labelled if fold_of[v.name] not in (fold, -1)]
+        self.val_videos = [v for v in labelled if fold_of[v.name] == fold]
+        self.holdout_videos = [v for v in labelled if fold_of[v.name] == -1]
+        self.test_videos = dataset.split("test")
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed * 1000 + self.fold
+
+    def _emit(self, **event) -> None:
+        self.progress({"arch": self.arch, "fold": self.fold, **event})
+
+    def _loader(self, windows: WindowDataset, epoch: int) -> DataLoader:
+        # One generator per epoch, seeded by (seed, epoch): a resumed run shuffles like an unbroken one.
+        generator = torch.Generator().manual_seed(self.seed * 10007 + epoch)
+        return DataLoader(windows, batch_size=self.config.batch_size, shuffle=True, generator=generator,
+                          drop_last=len(windows) > self.config.batch_size)
+
+    def run(self) -> FoldResult:
+        start = time.time()
+        metrics_path = self.out / "metrics.json"
+        (self.out / "failed.json").unlink(missing_ok=True)  # a rerun retries a failed fold
+        try:
+            result = self._train()
+        except TrainingDiverged as exc:
+            result = FoldResult(self.arch, self.fold, "failed", error=str(exc))
+            atomic_write_json(self.out / "failed.json", asdict(result))
+            self._emit(kind="failed", error=str(exc))
+            return result
+        result.seconds = round(time.time() - start, 2)
+        atomic_write_json(metrics_path, asdict(result))  # last: marks the fold complete
+        (self.out / "last.pt").unlink(missing_ok=True)
+        self._emit(kind="done", result=asdict(result))
+        return result
+
+    def _train(self) -> FoldResult:
+        cfg = self.config
+        seed_everything(self.seed)
+        model = build_model(cfg, self.arch, self.dataset).to(self.device)
+        windows = WindowDataset(self.train_videos, model.modalities, cfg.window, cfg.hop)
+        windows.index = [(i, s) for i, s in windows.index  # windows without a single label teach nothing
+                         if windows.videos[i].label_mask[s:s + cfg.window].any()]
+        steps_per_epoch = len(self._loader(windows, 0))
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch))
+        state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+
+        checkpoint = self.out / "last.pt"
+        if checkpoint.exists():  # resume an interrupted fold from its last finished epoch
+            saved = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            torch.set_rng_state(saved["rng"])
+            state = saved["state"]
+            self._emit(kind="resumed", epoch=state["epoch"])
+
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        self._emit(kind="start", epochs=cfg.epochs, epoch=state["epoch"], steps=steps_per_epoch)
+        while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+            epoch = state["epoch"]
+            tic = time.time()
+            model.train()
+            losses = []
+            for step, batch in enumerate(self._loader(windows, epoch)):
+                feats = {m: batch[m].to(self.device, non_blocking=True) for m in model.modalities}
+                mask = batch["mask"].to(self.device)
+                with autocast:
+                    out = model(feats, mask)
+                loss = ccc_loss(out.float(), batch["labels"].to(self.device), mask & batch["label_mask"].to(self.device))
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"{self.arch} fold {self.fold}: loss is {loss.item()} at epoch "
+                                           f"{epoch + 1}, step {step + 1} (lower --lr, or check the features "
+                                           f"for inf values)")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                self._emit(kind="step", epoch=epoch, step=step + 1, steps=steps_per_epoch)
+
+            val, _ = evaluate(model, self.val_videos, cfg, self.device)
+            state["epoch"] = epoch + 1
+            state["history"].append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                                     "val_ccc_v": val["valence"], "val_ccc_a": val["arousal"],
+                                     "val_ccc": val["mean"], "lr": scheduler.get_last_lr()[0],
+                                     "seconds": round(time.time() - tic, 2)})
+            if val["mean"] > state["best"]:
+                state.update(best=val["mean"], best_epoch=epoch + 1, bad_epochs=0)
+                atomic_torch_save(self.out / "model.pt", {
+                    "arch": self.arch, "model_config": asdict(model.config), "run_config": asdict(cfg),
+                    "fold": self.fold, "epoch": epoch + 1, "state_dict": model.state_dict()})
+            else:
+                state["bad_epochs"] += 1
+            atomic_write_text(self.out / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
+            atomic_torch_save(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                                           "state": state})
+            self._emit(kind="epoch", epoch=epoch + 1, val=val["mean"], best=state["best"])
+            if self.epoch_callback is not None:
+                self.epoch_callback(epoch, val["mean"])
+
+        return self._predict_with_best(model, state)
+
+    def _predict_with_best(self, model, state) -> FoldResult:
+        cfg = self.config
+        best = torch.load(self.out / "model.pt", map_location=self.device, weights_only=False)
+        model.load_state_dict(best["state_dict"])
+        val, val_preds = evaluate(model, self.val_videos, cfg, self.device)
+        save_predictions(self.out / "oof.csv", val_preds, self.val_videos, labelled_only=True, fold=self.fold)
+        arch_dir = self.out.parent
+        if self.test_videos:
+            _, test_preds = evaluate(model, self.test_videos, cfg, self.device)
+            save_predictions(arch_dir / "test" / f"fold{self.fold}.csv", test_preds, self.test_videos,
+                             labelled_only=False)
+        if self.holdout_videos:
+            _, holdout_preds = evaluate(model, self.holdout_videos, cfg, self.device)
+            save_predictions(arch_dir / "holdout" / f"fold{self.fold}.csv", holdout_preds, self.holdout_videos,
+                             labelled_only=False)
+        return FoldResult(self.arch, self.fold, "completed", val["valence"], val["arousal"], val["mean"],
+                          state["best_epoch"], state["epoch"])

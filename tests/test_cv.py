@@ -1,0 +1,132 @@
+"""The CV engine: resumable after a kill, a diverging fold fails alone, configs resolve strictly."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from abaw import cli, demo
+from abaw.config import RunConfig
+from abaw.cv import RunConflict, run_cv
+from abaw.data import open_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = demo.DemoSpec(n_train=12, n_val=4, n_test=3, max_frames=900, mean_extra_frames=300)
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    return demo.generate(tmp_path_factory.mktemp("small") / "root", SMALL)
+
+
+def run_args(root, out, *extra):
+    return [sys.executable, str(REPO / "run_cv.py"), "--data-root", str(root), "--out", str(out),
+            "--arch", "tcn", "--folds", "3", "--epochs", "4", "--patience", "10", "--window", "200",
+            "--hop", "100", "--batch-size", "8", *extra]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_matches_an_unbroken_run(small_root, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    clean = subprocess.run(run_args(small_root, tmp_path / "clean"), cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(run_args(small_root, out), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = out / "tcn" / "fold1" / "history.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (history.exists() and len(history.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-fold: fold 0 complete, fold 1 two epochs in
+    proc.wait()
+    assert (out / "tcn" / "fold0" / "metrics.json").exists()
+    assert not (out / "tcn" / "fold1" / "metrics.json").exists() and (out / "tcn" / "fold1" / "last.pt").exists()
+    fold0_before = digests(out / "tcn" / "fold0")
+
+    rerun = subprocess.run(run_args(small_root, out), cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "1 already complete, 2 to train" in rerun.stdout
+    assert digests(out / "tcn" / "fold0") == fold0_before  # completed fold untouched
+    # The resumed fold continued from its checkpoint and ends exactly where an unbroken run does.
+    for name in ("tcn/oof.csv", "tcn/fold1/history.csv", "tcn/test/fold1.csv"):
+        a, b = pd.read_csv(out / name), pd.read_csv(tmp_path / "clean" / name)
+        b = b.drop(columns=[c for c in ("seconds",) if c in b])
+        pd.testing.assert_frame_equal(a.drop(columns=[c for c in ("seconds",) if c in a]), b)
+    oof = pd.read_csv(out / "tcn" / "oof.csv")
+    dataset = open_dataset(small_root)
+    assert len(oof) == sum(v.label_mask.sum() for v in dataset.split("train", "val"))
+    test = pd.read_csv(out / "tcn" / "test" / "fold2.csv")
+    assert len(test) == sum(v.n_frames for v in dataset.split("test")) and test.frame.min() == 1
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.fold.astype(str)) == ["0", "1", "2", "oof"]
+
+
+def test_a_diverging_fold_fails_alone_with_a_clear_message(small_root, tmp_path, monkeypatch):
+    import abaw.train as train
+
+    real_loss = train.ccc_loss
+
+    def loss_nan_in_fold_1(pred, target, mask):
+        loss = real_loss(pred, target, mask)
+        return loss * float("nan") if torch.is_grad_enabled() and _current_fold[0] == 1 else loss
+
+    _current_fold = [None]
+    real_train = train.FoldTrainer._train
+
+    def tracking_train(self):
+        _current_fold[0] = self.fold
+        return real_train(self)
+
+    monkeypatch.setattr(train, "ccc_loss", loss_nan_in_fold_1)
+    monkeypatch.setattr(train.FoldTrainer, "_train", tracking_train)
+    config = RunConfig(data_root=str(small_root), arch=["linear"], folds=3, epochs=1, window=200, hop=200,
+                       out=str(tmp_path / "run"))
+    assert run_cv(config, open_dataset(small_root), folds_dir=tmp_path / "folds") == 1
+    failed = tmp_path / "run" / "linear" / "fold1" / "failed.json"
+    assert "loss is nan at epoch 1" in failed.read_text()
+    for k in (0, 2):
+        assert (tmp_path / "run" / "linear" / f"fold{k}" / "metrics.json").exists()
+    summary = pd.read_csv(tmp_path / "run" / "summary.csv")
+    assert summary.set_index(summary.fold.astype(str)).loc["1", "status"] == "failed"
+    assert "oof" not in summary.fold.astype(str).tolist()  # no OOF score from a partial set of folds
+
+
+def test_a_run_folder_with_other_settings_is_never_overwritten(small_root, tmp_path):
+    dataset = open_dataset(small_root)
+    config = RunConfig(arch=["linear"], folds=2, epochs=1, window=200, hop=200, out=str(tmp_path / "run"))
+    assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
+    changed = RunConfig(arch=["linear"], folds=2, epochs=2, window=200, hop=200, out=str(tmp_path / "run"))
+    with pytest.raises(RunConflict, match="epochs: 1 -> 2"):
+        run_cv(changed, dataset, folds_dir=tmp_path / "folds")
+
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\nlr: 0.01\narch: [tcn, linear]\n")
+    config = cli.resolve(cli.run_cv_parser().parse_args(["--config", str(path), "--lr", "0.5"]))
+    assert (config.epochs, config.lr, config.arch, config.folds) == (3, 0.5, ["tcn", "linear"], 5)
+    path.write_text("epochs: 3\nlearning_rate: 0.01\n")
+    with pytest.raises(ValueError, match=r"c.yaml: unknown option\(s\) \['learning_rate'\]"):
+        cli.resolve(cli.run_cv_parser().parse_args(["--config", str(path)]))
+
+
+def test_unknown_architecture_is_refused_before_training(small_root, tmp_path):
+    result = subprocess.run(run_args(small_root, tmp_path / "r") + ["--arch", "nope"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown architecture" in result.stdout and "mamba_va" in result.stdout
+    assert not (tmp_path / "r").exists()
