@@ -6,7 +6,7 @@
     python make_submission.py --report --runs runs/A            # the honest ensemble report only
     python make_submission.py --check FILE --sample SAMPLE      # validate a submission file
 
-See README.md, "Submissions".
+See README.md, "Submissions and ensembles".
 """
 import sys
 

@@ -28,7 +28,16 @@ def run_cv_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--jobs", type=int, help="folds trained in parallel")
     p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="run folder (default runs/demo)")
+    p.add_argument("--out", help="run folder (default runs/demo; runs/STUDY with --tune)")
+    tune = p.add_argument_group("tuning (Optuna)")
+    tune.add_argument("--tune", action="store_true", help="run an Optuna study instead of a CV run")
+    tune.add_argument("--n-trials", type=int, default=20, help="trials in the study, shared by all workers")
+    tune.add_argument("--study", default="study", help="study name")
+    tune.add_argument("--storage", help="Optuna storage: SQLAlchemy URL (postgresql://...), or a journal "
+                                        "file (*.log / journal:PATH); default SQLite in the study folder")
+    tune.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    tune.add_argument("--tune-folds", type=int, nargs="+", help="tune on these folds only (saves time)")
+    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     return p
 
 
@@ -38,6 +47,18 @@ def _data_root(config: RunConfig) -> str:
     from .demo import ensure_demo
 
     return str(ensure_demo())
+
+
+def _tune(args: argparse.Namespace, config: RunConfig, dataset) -> int:
+    from dataclasses import replace
+
+    from .tune import run_study
+
+    if config.out == RunConfig.out:  # no --out, neither on the command line nor in --config
+        config = replace(config, out=f"runs/{args.study}")
+    run_study(config, dataset, args.study, args.n_trials, args.storage, args.pruner, args.tune_folds,
+              timeout=args.timeout)
+    return 0
 
 
 def run_cv_main(argv: list[str] | None = None) -> int:
@@ -60,6 +81,8 @@ def run_cv_main(argv: list[str] | None = None) -> int:
     from .folds import FoldError
 
     try:
+        if args.tune:
+            return _tune(args, config, dataset)
         return run_cv(config, dataset)
     except (RunConflict, FoldError, ValueError) as exc:
         print(f"error: {exc}")

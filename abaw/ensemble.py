@@ -277,14 +277,20 @@ def stack_members(per_member: Sequence[Mapping[str, np.ndarray]]) -> dict[str, n
 
 
 TEST_SOURCE = "test ground truth (demo)"
+HOLDOUT_SOURCE = "holdout validation"
 NOT_ON_OOF = "not scorable on OOF: each OOF frame has one fold model's prediction"
 
 
-def _row(model: str, scored_on: str, result: dict | None = None, videos: int | None = None) -> dict:
+def _row(model: str, scored_on: str, result: dict | None = None) -> dict:
     result = result or {}
-    where = scored_on if videos is None else f"{scored_on}, {videos} videos"
     return {"model": model, "ccc_v": result.get("valence"), "ccc_a": result.get("arousal"),
-            "mean": result.get("mean"), "frames": result.get("frames"), "scored_on": where}
+            "mean": result.get("mean"), "frames": result.get("frames"), "scored_on": scored_on}
+
+
+def _scored(model: str, scored_on: str, predictions: Mapping[str, np.ndarray], labels: Mapping) -> dict:
+    """A report row: ``predictions`` scored against ``labels``, the video count joining the source."""
+    result = score_videos(predictions, labels) if predictions else None
+    return _row(model, f"{scored_on}, {len(predictions)} videos", result)
 
 
 def _average_row(rows: list[dict], model: str, scored_on: str | None = None) -> dict:
@@ -297,86 +303,85 @@ def _members(count: int) -> str:
     return f"{count} member" + ("s" if count > 1 else "")
 
 
-def single_fold_rows(member: MemberPredictions, labels: Mapping, truth: Mapping | None) -> list[dict]:
-    """Each fold model on data it never saw: held-out validation videos, else its own OOF fold."""
-    rows = []
-    for k in member.folds:
-        if member.holdout:
-            rows.append(_row(f"{member.label} fold {k}", "holdout validation",
-                             score_videos(member.holdout[k], labels), len(member.holdout[k])))
-        else:
-            own = {v: member.oof[v] for v, fold in member.oof_fold.items() if fold == k}
-            rows.append(_row(f"{member.label} fold {k}", f"OOF fold {k}", score_videos(own, labels) if own else None,
-                             len(own)))
-    if all(r["mean"] is not None for r in rows):
-        where = None if member.holdout else "OOF, each fold model on its own fold"
-        rows.append(_average_row(rows, f"{member.label} fold models: average score", where))
-    if truth is not None:
-        test_rows = [_row(f"{member.label} fold {k}", TEST_SOURCE, score_videos(member.test[k], truth),
-                          len(member.test[k])) for k in member.folds]
-        rows += test_rows + [_average_row(test_rows, f"{member.label} fold models: average score")]
-    return rows
-
-
-def fold_merge_rows(member: MemberPredictions, labels: Mapping, truth: Mapping | None,
-                    names: Sequence[str] = FOLD_MERGES) -> list[dict]:
-    """Each fold merge (the plain mean always beside CCC centering) on the held-out or demo test data."""
-    rows = []
-    if member.holdout:
-        stacks = stack_folds(member.holdout, f"{member.label} holdout predictions")
-        rows += [_row(f"{member.label} folds merged: {name}", "holdout validation",
-                      score_videos(make_merger(name).predict(stacks), labels), len(stacks)) for name in names]
-    else:
-        rows.append(_row(f"{member.label} folds merged: {', '.join(names)}", NOT_ON_OOF))
-    if truth is not None:
-        stacks = stack_folds(member.test, f"{member.label} test predictions")
-        rows += [_row(f"{member.label} folds merged: {name}", TEST_SOURCE,
-                      score_videos(make_merger(name).predict(stacks), truth), len(stacks)) for name in names]
-    return rows
-
-
 def fold_merged(member: MemberPredictions, name: str, which: str = "test") -> dict[str, np.ndarray]:
     """One member's fold predictions (``test`` or ``holdout``) merged across folds by ``name``."""
     by_fold = member.test if which == "test" else member.holdout
     return make_merger(name).predict(stack_folds(by_fold, f"{member.label} {which} predictions"))
 
 
+def single_fold_rows(member: MemberPredictions, labels: Mapping, truth: Mapping | None) -> list[dict]:
+    """Each fold model on data it never saw: held-out validation videos, else its own OOF fold."""
+    rows = []
+    for k in member.folds:
+        if member.holdout:
+            rows.append(_scored(f"{member.label} fold {k}", HOLDOUT_SOURCE, member.holdout[k], labels))
+        else:
+            own = {v: member.oof[v] for v, fold in member.oof_fold.items() if fold == k}
+            rows.append(_scored(f"{member.label} fold {k}", f"OOF fold {k}", own, labels))
+    if all(r["mean"] is not None for r in rows):
+        where = None if member.holdout else "OOF, each fold model on its own fold"
+        rows.append(_average_row(rows, f"{member.label} fold models: average score", where))
+    if truth is not None:
+        test_rows = [_scored(f"{member.label} fold {k}", TEST_SOURCE, member.test[k], truth) for k in member.folds]
+        rows += test_rows + [_average_row(test_rows, f"{member.label} fold models: average score")]
+    return rows
+
+
+def fold_merge_rows(member: MemberPredictions, labels: Mapping, truth: Mapping | None,
+                    names: Sequence[str] = FOLD_MERGES) -> list[dict]:
+    """Each fold merge (the plain mean always beside CCC centering) on held-out or demo test data."""
+    rows = []
+    if member.holdout:
+        rows += [_scored(f"{member.label} folds merged: {name}", HOLDOUT_SOURCE,
+                         fold_merged(member, name, "holdout"), labels) for name in names]
+    else:
+        rows.append(_row(f"{member.label} folds merged: {', '.join(names)}", NOT_ON_OOF))
+    if truth is not None:
+        rows += [_scored(f"{member.label} folds merged: {name}", TEST_SOURCE, fold_merged(member, name), truth)
+                 for name in names]
+    return rows
+
+
 def ensemble_rows(members: Sequence[MemberPredictions], labels: Mapping, truth: Mapping | None,
                   fold_merges: Sequence[str] = FOLD_MERGES, learned: Sequence[str] = LEARNED_MERGES) -> list[dict]:
-    """The cross-architecture mean and the learned merges, each on data it (and its models) never saw."""
+    """The cross-architecture mean and the learned merges, each on data it (and its models) never saw.
+
+    A learned merge combines the members' fold means. Where every run held the validation videos
+    out, it is fitted on all OOF and scored there; otherwise it is scored nested across the first
+    member's folds. On the demo it is also fitted on all OOF and scored on the test ground truth.
+    """
     rows = []
     all_holdout = all(m.holdout for m in members)
     size = _members(len(members))
+
+    def across_members(per_member):
+        return MeanMerge().predict(stack_members(per_member))
+
     if len(members) > 1:
         if all_holdout:
-            for name in fold_merges:
-                merged = MeanMerge().predict(stack_members([fold_merged(m, name, "holdout") for m in members]))
-                rows.append(_row(f"mean over {size} of fold {name}", "holdout validation",
-                                 score_videos(merged, labels), len(merged)))
+            rows += [_scored(f"mean over {size} of fold {name}", HOLDOUT_SOURCE,
+                             across_members([fold_merged(m, name, "holdout") for m in members]), labels)
+                     for name in fold_merges]
         else:
-            merged = MeanMerge().predict(stack_members([m.oof for m in members]))
-            rows.append(_row(f"mean over {size} (OOF predictions)", "OOF, all folds", score_videos(merged, labels),
-                             len(merged)))
+            rows.append(_scored(f"mean over {size} (OOF predictions)", "OOF, all folds",
+                                across_members([m.oof for m in members]), labels))
         if truth is not None:
-            for name in fold_merges:
-                merged = MeanMerge().predict(stack_members([fold_merged(m, name) for m in members]))
-                rows.append(_row(f"mean over {size} of fold {name}", TEST_SOURCE, score_videos(merged, truth),
-                                 len(merged)))
+            rows += [_scored(f"mean over {size} of fold {name}", TEST_SOURCE,
+                             across_members([fold_merged(m, name) for m in members]), truth) for name in fold_merges]
     oof = stack_members([m.oof for m in members])
     for name in learned:
         model = f"{name} over {size} (of fold means)"
         if all_holdout:
             fitted = make_merger(name).fit(oof, labels)
-            merged = fitted.predict(stack_members([fold_merged(m, "mean", "holdout") for m in members]))
-            rows.append(_row(model, "holdout validation; fitted on OOF", score_videos(merged, labels), len(merged)))
+            held = stack_members([fold_merged(m, "mean", "holdout") for m in members])
+            rows.append(_scored(model, f"{HOLDOUT_SOURCE}; fitted on OOF", fitted.predict(held), labels))
         else:
             merged = nested_predict(make_merger(name), oof, labels, members[0].oof_fold)
-            rows.append(_row(f"{name} over {size}", "OOF, nested: fitted on the other folds' OOF",
-                             score_videos(merged, labels), len(merged)))
+            rows.append(_scored(f"{name} over {size}", "OOF, nested: fitted on the other folds' OOF", merged, labels))
         if truth is not None:
             fitted = make_merger(name).fit(oof, labels)
-            merged = fitted.predict(stack_members([fold_merged(m, "mean") for m in members]))
-            rows.append(_row(model, f"{TEST_SOURCE}; fitted on OOF", score_videos(merged, truth), len(merged)))
+            test = stack_members([fold_merged(m, "mean") for m in members])
+            rows.append(_scored(model, f"{TEST_SOURCE}; fitted on OOF", fitted.predict(test), truth))
     return rows
 
 

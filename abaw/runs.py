@@ -3,7 +3,7 @@
 Layout of ``runs/<name>/``::
 
     config.yaml                  the fully resolved RunConfig (data_root, arch, folds, fold_mode, seed, ...)
-    folds.csv                    video,subject,fold   (fold -1: held out of CV, fold_mode "holdout_val")
+    folds.csv                    video,subject,split,fold   (fold -1: held out of CV, fold_mode "holdout_val")
     <arch>/fold<k>/              model.pt, metrics.json, history.csv
     <arch>/oof.csv               video,frame,valence,arousal,fold   every labelled train+val frame, predicted
                                  by the one fold model that did not train on it
@@ -17,53 +17,25 @@ arrays with NaN at frames the file does not list (e.g. unlabelled frames in ``oo
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import pandas as pd
 import yaml
 
+from .folds import HOLDOUT
+from .io import atomic_path
+
 PREDICTION_COLUMNS = ["video", "frame", "valence", "arousal"]
 FOLD_DIR_RE = re.compile(r"^fold(\d+)$")
-HOLDOUT_FOLD = -1  # folds.csv marks videos held out of cross-validation with this fold number
 
 
 class RunError(Exception):
     """A run folder is incomplete or a file in it is malformed; the message names the file (and line)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writing
-
-
-@contextmanager
-def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary sibling of ``path``; on success it replaces ``path`` in one step.
-
-    A reader never sees a half-written file, and a crash leaves the old file (if any) intact. The
-    temporary name is unique per process and call, so parallel writers never share one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    newline = {"newline": ""} if "b" not in mode else {}
-    try:
-        with open(tmp, mode, **newline) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,29 +59,35 @@ def write_predictions(
     Values are written with 6 decimals. A NaN among the written frames is an error naming the
     video and frame: a missing prediction must be visible, not a silently dropped row.
     """
-    tables = []
-    for video, values in predictions.items():
-        values = np.asarray(values, dtype=np.float64)
-        if values.ndim != 2 or values.shape[1] != 2:
-            raise ValueError(f"predictions of {video!r} must be (T, 2), got shape {values.shape}")
-        frames = np.arange(1, len(values) + 1)
-        if masks is not None:
-            keep = np.asarray(masks[video], dtype=bool)
-            if keep.shape != (len(values),):
-                raise ValueError(f"mask of {video!r} has shape {keep.shape}, predictions have {len(values)} frames")
-            frames, values = frames[keep], values[keep]
-        bad = ~np.isfinite(values).all(axis=1)
-        if bad.any():
-            raise ValueError(f"{path}: non-finite prediction for {video!r} frame {int(frames[bad][0])} "
-                             f"({int(bad.sum())} frame(s) in all)")
-        table = pd.DataFrame({"video": video, "frame": frames, "valence": values[:, 0], "arousal": values[:, 1]})
-        if fold is not None:
-            table["fold"] = fold[video] if isinstance(fold, Mapping) else fold
-        tables.append(table)
     columns = PREDICTION_COLUMNS + (["fold"] if fold is not None else [])
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
-    with atomic_open(path) as handle:
-        table.to_csv(handle, index=False, float_format="%.6f", lineterminator="\n")
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        handle.write(",".join(columns) + "\n")
+        for video, values in predictions.items():
+            frames, values = _frames_to_write(path, video, values, None if masks is None else masks[video])
+            suffix = "" if fold is None else f",{fold[video] if isinstance(fold, Mapping) else fold}"
+            # Formatted per video, not per file: a whole run's OOF never sits in memory as text.
+            handle.write("".join(f"{video},{frame},{v:.6f},{a:.6f}{suffix}\n"
+                                 for frame, (v, a) in zip(frames.tolist(), values.tolist())))
+
+
+def _frames_to_write(path, video: str, values, mask) -> tuple[np.ndarray, np.ndarray]:
+    """1-based frame numbers and (n, 2) values of the frames to write; NaN among them is an error."""
+    if "," in video or "\n" in video:
+        raise ValueError(f"video name {video!r} cannot be written to a CSV row")
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != 2:
+        raise ValueError(f"predictions of {video!r} must be (T, 2), got shape {values.shape}")
+    frames = np.arange(1, len(values) + 1)
+    if mask is not None:
+        keep = np.asarray(mask, dtype=bool)
+        if keep.shape != (len(values),):
+            raise ValueError(f"mask of {video!r} has shape {keep.shape}, predictions have {len(values)} frames")
+        frames, values = frames[keep], values[keep]
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{path}: non-finite prediction for {video!r} frame {int(frames[bad][0])} "
+                         f"({int(bad.sum())} frame(s) in all)")
+    return frames, values
 
 
 def _bad_line(path: Path, table: pd.DataFrame, rows: np.ndarray, message: str) -> RunError:
@@ -150,7 +128,8 @@ def read_prediction_table(path: str | Path, with_fold: bool = False) -> pd.DataF
     return table
 
 
-def table_to_videos(table: pd.DataFrame, path: Path, n_frames: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+def table_to_videos(table: pd.DataFrame, path: Path,
+                    n_frames: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Per-video float64 (T, 2) arrays; NaN where the table lists no frame.
 
     T is ``n_frames[video]`` when given (a frame beyond it is an error), else the last listed frame.
@@ -179,7 +158,8 @@ def read_predictions(path: str | Path, n_frames: Mapping[str, int] | None = None
     return table_to_videos(read_prediction_table(path), path, n_frames)
 
 
-def read_oof(path: str | Path, n_frames: Mapping[str, int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def read_oof(path: str | Path,
+             n_frames: Mapping[str, int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """``oof.csv`` as (video -> (T, 2) predictions, video -> the fold whose model predicted it)."""
     path = Path(path)
     table = read_prediction_table(path, with_fold=True)
@@ -190,7 +170,8 @@ def read_oof(path: str | Path, n_frames: Mapping[str, int] | None = None) -> tup
     return table_to_videos(table, path, n_frames), fold_of
 
 
-def stack_folds(by_fold: Mapping[int, Mapping[str, np.ndarray]], what: str = "predictions") -> dict[str, np.ndarray]:
+def stack_folds(by_fold: Mapping[int, Mapping[str, np.ndarray]],
+                what: str = "predictions") -> dict[str, np.ndarray]:
     """fold -> video -> (T, 2) into video -> (K, T, 2), folds in ascending order.
 
     Every fold must predict the same videos over the same frames, else the merge would be of
@@ -285,10 +266,18 @@ class Run:
         return sorted(int(m[1]) for p in arch_dir.iterdir() if p.is_dir() and (m := FOLD_DIR_RE.match(p.name)))
 
     def folds(self, arch: str) -> list[int]:
-        """Fold numbers with a ``<arch>/fold<k>/`` folder, ascending."""
-        folds = self._fold_dirs(self.path / arch)
+        """Fold numbers with a ``<arch>/fold<k>/`` folder, ascending; every one must be finished.
+
+        A merge of the finished folds only would quietly be another ensemble than the run's.
+        """
+        arch_dir = self.path / arch
+        folds = self._fold_dirs(arch_dir)
         if not folds:
-            raise RunError(f"{self.path / arch}: no fold<k>/ folders")
+            raise RunError(f"{arch_dir}: no fold<k>/ folders")
+        unfinished = [k for k in folds if not (arch_dir / f"fold{k}" / "metrics.json").is_file()]
+        if unfinished:
+            raise RunError(f"{arch_dir}: fold(s) {unfinished} not finished (no metrics.json); run the same "
+                           f"run_cv.py command again to complete them")
         return folds
 
     def fold_table(self) -> pd.DataFrame:
@@ -296,13 +285,13 @@ class Run:
         if not path.is_file():
             raise RunError(f"{path}: missing")
         table = pd.read_csv(path, dtype={"video": str, "subject": str})
-        if list(table.columns[:3]) != ["video", "subject", "fold"]:
-            raise RunError(f"{path}:1: expected header video,subject,fold, got {','.join(table.columns)}")
+        if not {"video", "fold"} <= set(table.columns):
+            raise RunError(f"{path}:1: expected columns video and fold, got {','.join(table.columns)}")
         return table
 
     def holdout_videos(self) -> list[str]:
         table = self.fold_table()
-        return table.loc[table["fold"] == HOLDOUT_FOLD, "video"].tolist()
+        return table.loc[table["fold"] == HOLDOUT, "video"].tolist()
 
     def read_oof(self, arch: str, n_frames: Mapping[str, int] | None = None):
         """(video -> (T, 2) OOF predictions, NaN at unlisted frames; video -> fold that predicted it)."""

@@ -36,9 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .data import INVALID_LABEL, SAMPLE_HEADER, DataError, Dataset, Problem, SampleFile, open_dataset, parse_sample_file
-from .ensemble import MeanMerge, honest_report, is_learned, make_merger, stack_members
-from .runs import MemberPredictions, Run, RunError, atomic_open, find_latest_demo_run, load_members, stack_folds
+from .data import (INVALID_LABEL, SAMPLE_HEADER, DataError, Dataset, Problem, SampleFile, open_dataset,
+                   parse_sample_file)
+from .ensemble import FOLD_MERGES, MERGERS, MeanMerge, honest_report, is_learned, make_merger, stack_members
+from .io import atomic_path, atomic_write_text
+from .metrics import score
+from .runs import MemberPredictions, Run, RunError, find_latest_demo_run, load_members, stack_folds
 
 SUBMISSION_FILE = "predictions.txt"
 PER_VIDEO_DIR = "predictions"
@@ -99,10 +102,10 @@ def carry_nearest(predictions: np.ndarray, frames: np.ndarray) -> tuple[np.ndarr
     if predicted.size == 0:
         raise ValueError("no finite prediction to carry")
     index = np.asarray(frames) - 1
-    after = np.clip(np.searchsorted(predicted, index), 0, len(predicted) - 1)
-    before = np.clip(np.searchsorted(predicted, index) - 1, 0, len(predicted) - 1)
-    nearest = np.where(np.abs(index - predicted[before]) <= np.abs(predicted[after] - index),
-                       predicted[before], predicted[after])
+    position = np.searchsorted(predicted, index)
+    after = predicted[np.minimum(position, len(predicted) - 1)]
+    before = predicted[np.maximum(position - 1, 0)]
+    nearest = np.where(np.abs(index - before) <= np.abs(after - index), before, after)
     return predictions[nearest], int((nearest != index).sum())
 
 
@@ -168,11 +171,6 @@ def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
         staging.rename(out_dir)
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_open(path) as handle:
-        handle.write(text)
-
-
 def _write_per_video(folder: Path, predictions: Mapping[str, np.ndarray], n_frames: Mapping[str, int],
                      videos: Sequence[str]) -> int:
     """The older format: ``<video>.txt`` with one line per frame 1..n; returns the carried-frame count."""
@@ -182,7 +180,7 @@ def _write_per_video(folder: Path, predictions: Mapping[str, np.ndarray], n_fram
         values, n = carry_nearest(np.asarray(predictions[video], np.float64), frames)
         carried += n
         lines = [f"{v:.6f},{a:.6f}" for v, a in np.clip(values, -1.0, 1.0).tolist()]
-        _write_text(folder / f"{video}.txt", "valence,arousal\n" + "\n".join(lines) + "\n")
+        atomic_write_text(folder / f"{video}.txt", "valence,arousal\n" + "\n".join(lines) + "\n")
     return carried
 
 
@@ -211,9 +209,10 @@ def write_submission(predictions: Mapping[str, np.ndarray], sample: SampleFile, 
             rows = sum(frames[v] for v in videos)
         else:
             values, carried = sample_values(predictions, sample)
-            _write_text(staging / SUBMISSION_FILE, HEADER_LINE + "\n" + _format_rows(sample.image_locations, values))
+            text = HEADER_LINE + "\n" + _format_rows(sample.image_locations, values)
+            atomic_write_text(staging / SUBMISSION_FILE, text)
             written, rows = [staging / SUBMISSION_FILE], len(values)
-        with atomic_open(zip_path, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
+        with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in written:
                 archive.write(path, arcname=path.name)
         full_manifest = {
@@ -228,9 +227,9 @@ def write_submission(predictions: Mapping[str, np.ndarray], sample: SampleFile, 
             "frames_carried_from_nearest_prediction": int(carried),
             "sha256": hashlib.sha256(b"".join(p.read_bytes() for p in written)).hexdigest(),
         }
-        _write_text(staging / "manifest.json", json.dumps(full_manifest, indent=2) + "\n")
+        atomic_write_text(staging / "manifest.json", json.dumps(full_manifest, indent=2) + "\n")
         if report_rows:
-            _write_text(staging / "report.csv", report_csv(report_rows))
+            atomic_write_text(staging / "report.csv", report_csv(report_rows))
         _publish(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -271,7 +270,8 @@ def check_submission(path: str | Path, sample: SampleFile) -> list[Problem]:
             continue
         location = cells[0]
         if location in seen:
-            problems.append(Problem(path, f"duplicate frame {location!r} (first on line {seen[location]})", line=lineno))
+            problems.append(Problem(path, f"duplicate frame {location!r} (first on line {seen[location]})",
+                                    line=lineno))
         elif location not in position:
             problems.append(Problem(path, f"frame {location!r} is not in the sample file", line=lineno))
         else:
@@ -283,9 +283,10 @@ def check_submission(path: str | Path, sample: SampleFile) -> list[Problem]:
             else:
                 last_position, last_location = position[location], location
         problems += _value_problems(path, lineno, cells[1:])
-    missing = [(i, loc) for i, loc in enumerate(sample.image_locations) if loc not in seen]
-    for index, location in missing:
-        problems.append(Problem(path, f"missing frame {location!r} (sample line {index + 2})"))
+    for index, location in enumerate(sample.image_locations):
+        if location not in seen:  # reported on the line where the sample's order puts it
+            problems.append(Problem(path, f"missing frame {location!r} (line {index + 2} of the sample)",
+                                    line=index + 2))
     if len(lines) - 1 != len(sample.image_locations):
         problems.append(Problem(path, f"{len(lines) - 1} rows, the sample {sample.path} lists "
                                       f"{len(sample.image_locations)}"))
@@ -359,11 +360,13 @@ def parser() -> argparse.ArgumentParser:
         description="Merge run predictions into an ABAW submission, report honest ensemble scores, "
                     "or check a submission file. With no arguments: the latest demo run, report and submission.")
     p.add_argument("--runs", nargs="+", help="run folders (default: the latest finished demo run under runs/)")
-    p.add_argument("--merge", default="ccc_centering",
+    p.add_argument("--merge", default="ccc_centering", choices=list(MERGERS), metavar="NAME",
                    help="mean | median | ccc_centering (across folds, then mean across architectures) | "
                         "calibrated_mean | weighted_calibrated (learned across architectures on OOF, "
                         "over fold means); default ccc_centering")
-    p.add_argument("--fold-merge", help="merge across folds (default: --merge, or mean when --merge is learned)")
+    p.add_argument("--fold-merge", choices=list(FOLD_MERGES), metavar="NAME",
+                   help="merge across folds: mean | median | ccc_centering (default: --merge, or mean when "
+                        "--merge is learned)")
     p.add_argument("--out", help="submission folder (default submissions/<run>_<merge>_<UTC time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission folder")
     p.add_argument("--per-video", action="store_true", help="write the older format: one <video>.txt per video")
@@ -428,13 +431,66 @@ def load_inputs(run_paths: Sequence[str], test_sample: str | None = None) -> Inp
 
 def submission_score_row(values: np.ndarray, sample: SampleFile, truth: Mapping[str, np.ndarray], merge: str) -> dict:
     """The written values (clipped, frames carried) scored row by row against the demo's test labels."""
-    from .metrics import score
-
     target = np.array([truth[v][f - 1] for v, f in zip(sample.videos.tolist(), sample.frames.tolist())])
     result = score(values, target, (target != INVALID_LABEL).all(axis=1))
     return {"model": f"submission ({merge})", "ccc_v": result["valence"], "ccc_a": result["arousal"],
             "mean": result["mean"], "frames": int((target != INVALID_LABEL).all(axis=1).sum()),
             "scored_on": "test ground truth (demo): the submission file's values"}
+
+
+def default_out(run_path: str | Path, merge: str) -> Path:
+    """A fresh folder name per call, so the no-argument demo command never meets an existing one."""
+    return Path("submissions") / f"{Path(run_path).name}_{merge}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def submit(inputs: Inputs, merge: str, fold_merge: str | None, out: Path, *, per_video: bool = False,
+           overwrite: bool = False, report_rows: list[dict] | None = None) -> Submission:
+    """Merge the members' test predictions and write the submission folder (with its provenance).
+
+    On the demo dataset, the written values' score joins ``report_rows``.
+    """
+    predictions, merge_description = merge_test_predictions(inputs.members, merge, inputs.labels, fold_merge)
+    sample = inputs.dataset.sample
+    if report_rows is not None and inputs.truth is not None and not per_video:
+        report_rows.append(submission_score_row(sample_values(predictions, sample)[0], sample, inputs.truth, merge))
+    manifest = {
+        "runs": [{"path": str(run.path), "config_hash": run.config_hash, "fold_mode": run.fold_mode}
+                 for run in inputs.runs],
+        "members": [{"run": str(m.run.path), "arch": m.arch, "folds": m.folds, "config_hash": m.run.config_hash}
+                    for m in inputs.members],
+        "merge": {"name": merge, **merge_description},
+        "data_root": str(inputs.dataset.root),
+    }
+    n_frames = {v.name: v.n_frames for v in inputs.dataset.split("test")}
+    return write_submission(predictions, sample, out, manifest, per_video=per_video, n_frames=n_frames,
+                            overwrite=overwrite, report_rows=report_rows)
+
+
+def _make(args: argparse.Namespace, report: bool, write: bool) -> int:
+    from .console import console
+
+    run_paths = args.runs or [str(find_latest_demo_run(args.runs_dir).path)]
+    out = Path(args.out) if args.out else default_out(run_paths[0], args.merge)
+    if write:
+        check_target(out, args.overwrite)  # before minutes of reading and merging, not after
+    inputs = load_inputs(run_paths, args.test_sample)
+    rows = honest_report(inputs.members, inputs.labels, inputs.truth) if report else None
+    submission = None
+    if write:
+        submission = submit(inputs, args.merge, args.fold_merge, out, per_video=args.per_video,
+                            overwrite=args.overwrite, report_rows=rows)
+    if rows is not None:
+        print_report(rows, title=f"Honest ensemble report: {', '.join(run_paths)}")
+        if submission:
+            console.print(f"report: {submission.folder / 'report.csv'}")
+        if args.report_csv or not submission:
+            csv_path = Path(args.report_csv or Path(run_paths[0]) / "ensemble_report.csv")
+            atomic_write_text(csv_path, report_csv(rows))
+            console.print(f"report: {csv_path}")
+    if submission:
+        console.print(f"submission: {submission.file}")
+        console.print(f"zip: {submission.zip}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -448,48 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.sample:
             parser().error("--check needs --sample SAMPLE (the official test sample file)")
         return run_check(args.check, args.sample)
-    no_arguments = not argv
-    write = args.out is not None or not args.report
     try:
-        make_merger(args.merge)
-        if args.fold_merge:
-            make_merger(args.fold_merge)
-        run_paths = args.runs or [str(find_latest_demo_run(args.runs_dir).path)]
-        out = Path(args.out) if args.out else Path("submissions") / (
-            f"{Path(run_paths[0]).name}_{args.merge}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
-        if write:
-            check_target(out, args.overwrite)
-        inputs = load_inputs(run_paths, args.test_sample)
-        rows = honest_report(inputs.members, inputs.labels, inputs.truth) if args.report or no_arguments else None
-        if write:
-            predictions, merge_description = merge_test_predictions(inputs.members, args.merge, inputs.labels,
-                                                                    args.fold_merge)
-            sample = inputs.dataset.sample
-            if rows is not None and inputs.truth is not None and not args.per_video:
-                rows.append(submission_score_row(sample_values(predictions, sample)[0], sample, inputs.truth,
-                                                 args.merge))
-            manifest = {
-                "runs": [{"path": str(run.path), "config_hash": run.config_hash, "fold_mode": run.fold_mode}
-                         for run in inputs.runs],
-                "members": [{"run": str(m.run.path), "arch": m.arch, "folds": m.folds,
-                             "config_hash": m.run.config_hash} for m in inputs.members],
-                "merge": {"name": args.merge, **merge_description},
-                "data_root": str(inputs.dataset.root),
-            }
-            n_frames = {v.name: v.n_frames for v in inputs.dataset.split("test")}
-            submission = write_submission(predictions, sample, out, manifest, per_video=args.per_video,
-                                          n_frames=n_frames, overwrite=args.overwrite, report_rows=rows)
-        if rows is not None:
-            print_report(rows, title=f"Honest ensemble report: {', '.join(run_paths)}")
-            csv_path = Path(args.report_csv) if args.report_csv else (
-                submission.folder / "report.csv" if write else Path(run_paths[0]) / "ensemble_report.csv")
-            if not (write and csv_path == submission.folder / "report.csv"):
-                _write_text(csv_path, report_csv(rows))
-            console.print(f"report: {csv_path}")
-        if write:
-            console.print(f"submission: {submission.file}")
-            console.print(f"zip: {submission.zip}")
+        # No arguments: the demo walk-through, report and submission. --report alone: the report only.
+        return _make(args, report=args.report or not argv, write=args.out is not None or not args.report)
     except (RunError, DataError, SubmissionExists, ValueError) as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return 1
-    return 0

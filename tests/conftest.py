@@ -16,6 +16,15 @@ def demo_root(tmp_path_factory) -> Path:
     return demo.generate(tmp_path_factory.mktemp("demo") / "root")
 
 
+SMALL_DEMO = demo.DemoSpec(n_train=12, n_val=4, n_test=3, max_frames=900, mean_extra_frames=300)
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory) -> Path:
+    """A small demo dataset (19 videos) for tests that train."""
+    return demo.generate(tmp_path_factory.mktemp("small") / "root", SMALL_DEMO)
+
+
 def write_labels(path: Path, rows, header="valence,arousal", newline="\n", trailing=""):
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [header] + [f"{v},{a}" for v, a in rows] if header is not None else [f"{v},{a}" for v, a in rows]

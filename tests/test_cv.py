@@ -12,20 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from abaw import cli, demo
+from abaw import cli
 from abaw.config import RunConfig
 from abaw.cv import RunConflict, run_cv
 from abaw.data import open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = demo.DemoSpec(n_train=12, n_val=4, n_test=3, max_frames=900, mean_extra_frames=300)
-
-
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory):
-    return demo.generate(tmp_path_factory.mktemp("small") / "root", SMALL)
-
-
 def run_args(root, out, *extra):
     return [sys.executable, str(REPO / "run_cv.py"), "--data-root", str(root), "--out", str(out),
             "--arch", "tcn", "--folds", "3", "--epochs", "4", "--patience", "10", "--window", "200",

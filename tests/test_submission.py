@@ -54,6 +54,7 @@ def write_run(path: Path, root: Path, archs=("tcn", "mamba_va"), folds=3, fold_m
     for arch in archs:
         for k in range(folds):
             (path / arch / f"fold{k}").mkdir(parents=True)
+            (path / arch / f"fold{k}" / "metrics.json").write_text("{}\n")
         oof = {v.name: noisy_copy(rng, v.labels) for v in cv_videos}
         write_predictions(path / arch / "oof.csv", oof, fold=fold_of, masks={v.name: v.label_mask for v in cv_videos})
         for k in range(folds):
@@ -126,6 +127,13 @@ def test_run_lists_archs_and_folds_and_reads_predictions(grouped_run, tiny_demo)
 def test_missing_config_is_a_clear_error(tmp_path):
     with pytest.raises(RunError, match="config.yaml: missing"):
         Run.open(tmp_path)
+
+
+def test_an_unfinished_fold_is_refused_not_skipped(tiny_demo, tmp_path):
+    run = write_run(tmp_path / "run", tiny_demo, archs=("tcn",))
+    (run / "tcn" / "fold1" / "metrics.json").unlink()
+    with pytest.raises(RunError, match=r"fold\(s\) \[1\] not finished"):
+        Run.open(run).folds("tcn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +250,13 @@ def _edit(lines, kind):
 
 @pytest.mark.parametrize("kind, expected", [
     ("header", [(1, "header must be")]),
-    ("missing", [(None, "missing frame"), (None, "rows, the sample")]),
+    ("missing", [(6, "missing frame"), (None, "rows, the sample")]),
     ("extra", [(None, "is not in the sample file"), (None, "rows, the sample")]),
     ("duplicate", [(7, "duplicate frame"), (None, "rows, the sample")]),
     ("order", [(7, "out of order")]),
     ("nan", [(6, "arousal is nan, not a finite number")]),
     ("range", [(6, "valence 1.5 outside [-1, 1]")]),
-    ("cells", [(6, "expected 3 cells"), (None, "missing frame")]),
+    ("cells", [(6, "expected 3 cells"), (6, "missing frame")]),
 ])
 def test_validator_names_each_problem_and_its_line(valid_lines, sample, tmp_path, kind, expected):
     path = tmp_path / "edited.txt"
@@ -296,7 +304,8 @@ def test_merged_submission_scores_at_least_the_mean_of_single_fold_models(groupe
     assert float(rows[-1]["mean"]) == pytest.approx(merged, abs=1e-5)  # the report's submission row is this file
     manifest = json.loads((out / "manifest.json").read_text())
     assert [m["arch"] for m in manifest["members"]] == ["tcn", "mamba_va"]
-    assert manifest["merge"]["name"] == merge and manifest["runs"][0]["config_hash"] == Run.open(grouped_run).config_hash
+    assert manifest["merge"]["name"] == merge
+    assert manifest["runs"][0]["config_hash"] == Run.open(grouped_run).config_hash
     if merge == "weighted_calibrated":
         assert manifest["merge"]["fold_merge"] == "mean" and len(manifest["merge"]["learned"]["weights"]) == 2
 
@@ -311,7 +320,8 @@ def _read_report(path):
     return rows
 
 
-def test_report_only_writes_its_csv_and_no_submission(grouped_run, tmp_path, capsys):
+def test_report_only_writes_its_csv_and_no_submission(grouped_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     csv_path = tmp_path / "report.csv"
     assert main(["--report", "--runs", str(grouped_run), "--report-csv", str(csv_path)]) == 0
     rows = _read_report(csv_path)
@@ -321,7 +331,7 @@ def test_report_only_writes_its_csv_and_no_submission(grouped_run, tmp_path, cap
     assert fold0["scored_on"].startswith("OOF fold 0")
     assert any(r["scored_on"].startswith("not scorable on OOF") for r in rows)
     assert "Honest ensemble report" in capsys.readouterr().out
-    assert not Path("submissions").joinpath("grouped").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv"]  # no submissions/ folder
 
 
 def test_holdout_runs_score_fold_models_and_merges_on_the_held_out_videos(tiny_demo, tmp_path):
@@ -354,5 +364,6 @@ def test_no_arguments_uses_the_latest_demo_run(tiny_demo, tmp_path, monkeypatch,
     assert "Honest ensemble report: runs/demo_run" in out and "zip:" in out
     (folder,) = (tmp_path / "submissions").iterdir()
     assert folder.name.startswith("demo_run_ccc_centering_")
-    assert {"predictions.txt", f"{folder.name}.zip", "manifest.json", "report.csv"} == {p.name for p in folder.iterdir()}
+    written = {p.name for p in folder.iterdir()}
+    assert written == {"predictions.txt", f"{folder.name}.zip", "manifest.json", "report.csv"}
     assert os.path.getsize(folder / f"{folder.name}.zip") > 0

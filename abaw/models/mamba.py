@@ -154,94 +154,170 @@ def _adjoints_(a: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, nu: torch.Te
     return nu
 
 
-class _ChunkedScanFn(torch.autograd.Function):
-    """y = C . h with h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, all in (B, L, .) layout.
+# Reductions over the (B, S, D, N) work buffers.  Mathematically plain einsums; written as
+# "multiply into a scratch buffer, then sum" or as a batched GEMM, whichever measured faster
+# on CPU (einsum/bmm over 1x16 or 16x1 operands are slow there).  `scratch` is a free work
+# buffer of the same shape as `x`, overwritten.
+def _contract_n(x, v, scratch):
+    """sum_n x[b,s,d,n] v[b,s,n] -> (B, S, D)."""
+    return torch.mul(x, v[:, :, None, :], out=scratch).sum(-1)
 
-    Inputs (float32, contiguous): u, delta (B, L, D); A (D, N); Bm, Cm (B, L, N).
-    L must be a multiple of ``chunk`` and ``segment`` a multiple of ``chunk``.
+
+def _contract_d(x, g):
+    """sum_d x[b,s,d,n] g[b,s,d] -> (B, S, N)  (a (1, D) @ (D, N) GEMM per frame)."""
+    return torch.matmul(g[:, :, None, :], x).squeeze(-2)
+
+
+def _contract_n_weighted(w, A, scratch):
+    """sum_n w[b,s,d,n] A[d,n] -> (B, S, D)."""
+    return torch.mul(w, A, out=scratch).sum(-1)
+
+
+def _contract_bt(w, dt, scratch):
+    """sum_{b,s} w[b,s,d,n] dt[b,s,d] -> (D, N)."""
+    return torch.mul(w, dt[..., None], out=scratch).sum((0, 1))
+
+
+def _pieces(seqlen: int, chunk: int, segment: int):
+    """Split [0, seqlen) into (start, stop, chunk) pieces processed one after the other.
+
+    Each segment of ``segment`` frames is one piece of whole chunks; a tail that is not a
+    whole chunk becomes its own single-chunk piece (no padding copies needed).
+    """
+    pieces = []
+    for s0 in range(0, seqlen, segment):
+        s1 = min(s0 + segment, seqlen)
+        full = (s1 - s0) // chunk * chunk
+        if full:
+            pieces.append((s0, s0 + full, chunk))
+        if s0 + full < s1:
+            pieces.append((s0 + full, s1, s1 - s0 - full))
+    return pieces
+
+
+def _dt(delta_raw, delta_bias, delta_softplus):
+    """dt = softplus(delta + delta_bias), as selective_scan_fn(delta_softplus=True)."""
+    dt = delta_raw if delta_bias is None else delta_raw + delta_bias
+    return F.softplus(dt) if delta_softplus else dt
+
+
+class _ChunkedScanFn(torch.autograd.Function):
+    """Fused selective scan in (B, L, .) layout; the math of mamba-ssm's selective_scan_fn:
+
+        dt  = softplus(delta + delta_bias)                      (B, L, D)
+        h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t                (B, D, N) per step
+        out = (sum_n C_t h_t + D u_t) * silu(z_t)               (B, L, D)
+
+    Inputs float32 contiguous: u, delta, z (B, L, D); A (D, N); Bm, Cm (B, L, N);
+    D, delta_bias (D,).  D, z, delta_bias may be None.  Saves only its inputs and the
+    (B, D, N) state at the start of each piece; the backward recomputes the rest.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bm, Cm, chunk: int, segment: int):
+    def forward(ctx, u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, chunk, segment):
         with torch.autocast(u.device.type, enabled=False):
             bsz, seqlen, dim = u.shape
             nst = A.shape[1]
             segment = min(segment, seqlen)
-            du = delta * u  # (B, L, D)
-            y = u.new_empty(bsz, seqlen, dim)
-            # Flat work buffers, re-viewed per segment (the last one may be shorter and still
-            # gets a contiguous view from the front of the buffer).
-            buf_a = u.new_empty(bsz * segment * dim * nst)
-            buf_x = u.new_empty(bsz * segment * dim * nst)
+            out = u.new_empty(bsz, seqlen, dim)
+            # Work buffers reused by every piece (the tail piece is shorter: it takes a
+            # contiguous view of the front of the flat buffer).
+            numel = bsz * segment * dim * nst
+            buf_a, buf_x = u.new_empty(numel), u.new_empty(numel)
             h = u.new_zeros(bsz, dim, nst)
             h_starts = []
-            for s0 in range(0, seqlen, segment):
-                s1 = min(s0 + segment, seqlen)
+            for s0, s1, ck in _pieces(seqlen, chunk, segment):
                 shape = (bsz, s1 - s0, dim, nst)
                 a = buf_a[: math.prod(shape)].view(shape)
                 x = buf_x[: math.prod(shape)].view(shape)
-                torch.mul(delta[:, s0:s1, :, None], A, out=a).exp_()  # (B, S, D, N)
-                torch.mul(du[:, s0:s1, :, None], Bm[:, s0:s1, None, :], out=x)
+                dt = _dt(delta[:, s0:s1], delta_bias, delta_softplus)  # (B, S, D)
+                u_s = u[:, s0:s1]
+                torch.mul(dt[..., None], A, out=a).exp_()  # a_t = exp(dt A)   (B, S, D, N)
+                torch.mul((dt * u_s)[..., None], Bm[:, s0:s1, None, :], out=x)  # dt B u
                 h_starts.append(h)
-                h = _states_(a, x, h, chunk)
-                y[:, s0:s1] = torch.matmul(x, Cm[:, s0:s1, :, None]).squeeze(-1)
-            ctx.save_for_backward(u, delta, A, Bm, Cm, torch.stack(h_starts))
-            ctx.chunk, ctx.segment = chunk, segment
-        return y
+                h = _states_(a, x, h, ck)  # x <- h
+                y = _contract_n(x, Cm[:, s0:s1], a)  # sum_n C h  (B, S, D); `a` is free now
+                if D is not None:
+                    y.addcmul_(u_s, D)
+                if z is not None:
+                    y.mul_(F.silu(z[:, s0:s1]))
+                out[:, s0:s1] = y
+            ctx.save_for_backward(u, delta, A, Bm, Cm, D, z, delta_bias, torch.stack(h_starts))
+            ctx.delta_softplus, ctx.chunk, ctx.segment = delta_softplus, chunk, segment
+        return out
 
     @staticmethod
-    def backward(ctx, gy):
-        u, delta, A, Bm, Cm, h_starts = ctx.saved_tensors
-        chunk, segment = ctx.chunk, ctx.segment
+    def backward(ctx, gout):
+        u, delta, A, Bm, Cm, D, z, delta_bias, h_starts = ctx.saved_tensors
+        softplus, chunk, segment = ctx.delta_softplus, ctx.chunk, ctx.segment
         with torch.autocast(u.device.type, enabled=False):
-            gy = gy.float().contiguous()
+            gout = gout.float().contiguous()
             bsz, seqlen, dim = u.shape
             nst = A.shape[1]
-            du = delta * u
             grad_u = torch.empty_like(u)
             grad_delta = torch.empty_like(delta)
             grad_B = torch.empty_like(Bm)
             grad_C = torch.empty_like(Cm)
+            grad_z = None if z is None else torch.empty_like(z)
             grad_A = torch.zeros_like(A)
+            grad_D = None if D is None else torch.zeros_like(D)
+            grad_bias = None if delta_bias is None else torch.zeros_like(delta_bias)
             numel = bsz * segment * dim * nst
             buf_a, buf_x, buf_q, buf_l = (u.new_empty(numel) for _ in range(4))
-            nu = u.new_zeros(bsz, dim, nst)
-            starts = list(range(0, seqlen, segment))
-            for i in range(len(starts) - 1, -1, -1):
-                s0 = starts[i]
-                s1 = min(s0 + segment, seqlen)
+            nu = u.new_zeros(bsz, dim, nst)  # a_{t+1} lambda_{t+1} after the current piece
+            pieces = _pieces(seqlen, chunk, segment)
+            for i in range(len(pieces) - 1, -1, -1):
+                s0, s1, ck = pieces[i]
                 shape = (bsz, s1 - s0, dim, nst)
                 n = math.prod(shape)
                 a, x, q, lam = (b[:n].view(shape) for b in (buf_a, buf_x, buf_q, buf_l))
-                d_s, u_s, du_s, g_s = delta[:, s0:s1], u[:, s0:s1], du[:, s0:s1], gy[:, s0:s1]
-                B_s, C_s = Bm[:, s0:s1], Cm[:, s0:s1]
-                # recompute this segment's states (checkpointing); q = cumulative decays
-                torch.mul(d_s[..., None], A, out=a).exp_()
-                torch.mul(du_s[..., None], B_s[:, :, None, :], out=x)
+                u_s, B_s, C_s, h0 = u[:, s0:s1], Bm[:, s0:s1], Cm[:, s0:s1], h_starts[i]
+                # -- recompute dt and the piece's states (gradient checkpointing) ----------
+                pre = delta[:, s0:s1] if delta_bias is None else delta[:, s0:s1] + delta_bias
+                dt = F.softplus(pre) if softplus else pre
+                du = dt * u_s
+                torch.mul(dt[..., None], A, out=a).exp_()
+                torch.mul(du[..., None], B_s[:, :, None, :], out=x)
                 q.copy_(a)
-                h0 = h_starts[i]
-                _states_(q, x, h0, chunk)  # x = h (B, S, D, N)
-                grad_C[:, s0:s1] = torch.matmul(g_s[:, :, None, :], x).squeeze(-2)
-                # adjoint states
-                torch.mul(g_s[..., None], C_s[:, :, None, :], out=lam)
-                nu = _adjoints_(a, lam, q, nu, chunk)
-                lam_B = torch.matmul(lam, B_s[..., None]).squeeze(-1)  # (B, S, D)
-                grad_u[:, s0:s1] = d_s * lam_B
-                grad_B[:, s0:s1] = torch.matmul(du_s[:, :, None, :], lam).squeeze(-2)
-                # w = lambda_t * a_t * h_{t-1} = dLoss/d(dt_t A), computed in place into `a`
+                _states_(q, x, h0, ck)  # x <- h (B, S, D, N); q <- cumulative decays
+                # -- epilogue backward: out = (y + D u) * silu(z) --------------------------
+                g = gout[:, s0:s1]
+                if z is not None:
+                    z_s = z[:, s0:s1]
+                    sig = torch.sigmoid(z_s)
+                    y = _contract_n(x, C_s, lam)  # `lam` is not filled yet
+                    if D is not None:
+                        y.addcmul_(u_s, D)
+                    # d silu(z)/dz = sig * (1 + z * (1 - sig))
+                    grad_z[:, s0:s1] = g * y * sig * (1 + z_s * (1 - sig))
+                    g = g * (z_s * sig)  # gradient w.r.t. y + D u
+                if D is not None:
+                    grad_D += (g * u_s).sum((0, 1))
+                grad_C[:, s0:s1] = _contract_d(x, g)  # sum_d g h
+                # -- adjoint states lambda_t = dLoss/dh_t ---------------------------------
+                torch.mul(g[..., None], C_s[:, :, None, :], out=lam)
+                nu = _adjoints_(a, lam, q, nu, ck)
+                lam_B = _contract_n(lam, B_s, q)  # sum_n lambda B  (B, S, D); `q` is free now
+                gu = dt * lam_B
+                if D is not None:
+                    gu.addcmul_(g, D)
+                grad_u[:, s0:s1] = gu
+                grad_B[:, s0:s1] = _contract_d(lam, du)  # sum_d lambda dt u
+                # -- w = lambda_t * a_t * h_{t-1} = dLoss/d(dt_t A), in place into `a` ----
                 a[:, 1:].mul_(x[:, :-1])
                 a[:, 0].mul_(h0)
                 a.mul_(lam)
-                # dLoss/d dt = u * sum_n lambda B + sum_n A w ;  dLoss/dA = sum_{b,t} dt w
-                gd = torch.einsum("bsdn,dn->bsd", a, A)
-                gd.addcmul_(u_s, lam_B)
-                grad_delta[:, s0:s1] = gd
-                # sum over (b, t) as a batched GEMM over d: (D, 1, K) @ (D, K, N)
-                k = shape[0] * shape[1]
-                grad_A += torch.matmul(
-                    d_s.reshape(k, dim).t()[:, None, :], a.view(k, dim, nst).transpose(0, 1)
-                ).squeeze(1)
-        return grad_u, grad_delta, grad_A, grad_B, grad_C, None, None
+                # dLoss/d dt = u sum_n lambda B + sum_n A w ;  dLoss/dA = sum_{b,t} dt w
+                gdt = _contract_n_weighted(a, A, q)
+                gdt.addcmul_(u_s, lam_B)
+                grad_A += _contract_bt(a, dt, q)
+                if softplus:
+                    gdt.mul_(torch.sigmoid(pre))
+                grad_delta[:, s0:s1] = gdt
+                if grad_bias is not None:
+                    grad_bias += gdt.sum((0, 1))
+        return (grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias,
+                None, None, None)
 
 
 def _selective_scan_bld(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -249,37 +325,20 @@ def _selective_scan_bld(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """Pure-PyTorch selective scan in (B, L, .) layout.
 
     u, delta, z: (B, L, D); A: (D, N); B, C: (B, L, N); D, delta_bias: (D,).
-    Returns y (B, L, D) in u's dtype.
+    Returns (B, L, D) in u's dtype.  Computes in float32 (also under autocast).
     """
     chunk = chunk_size or DEFAULT_CHUNK_SIZE
     segment = segment_len or DEFAULT_SEGMENT_LEN
     segment = max(chunk, segment // chunk * chunk)  # a whole number of chunks
-    dtype_in = u.dtype
-    with torch.autocast(u.device.type, enabled=False):
-        # The cheap (B, L, D) elementwise parts stay in ordinary autograd; only the scan
-        # core is a custom Function.  Everything runs in float32.
-        u32 = u.float()
-        delta = delta.float()
-        if delta_bias is not None:
-            delta = delta + delta_bias.float()
-        if delta_softplus:
-            delta = F.softplus(delta)
-        seqlen = u.shape[1]
-        pad = (-seqlen) % chunk
-        args = [u32, delta, B.float(), C.float()]
-        if pad:
-            # Padding at the end cannot influence earlier frames (causal scan); the padded
-            # outputs are dropped, so their gradients are zero.
-            args = [F.pad(t, (0, 0, 0, pad)) for t in args]
-        u_p, d_p, B_p, C_p = (t.contiguous() for t in args)
-        y = _ChunkedScanFn.apply(u_p, d_p, A.float().contiguous(), B_p, C_p, chunk, segment)
-        if pad:
-            y = y[:, :seqlen]
-        if D is not None:
-            y = y + u32 * D.float()
-        if z is not None:
-            y = y * F.silu(z.float())
-    return y.to(dtype_in)
+
+    def f32(t):
+        return None if t is None else t.float().contiguous()
+
+    out = _ChunkedScanFn.apply(
+        f32(u), f32(delta), f32(A), f32(B), f32(C), f32(D), f32(z), f32(delta_bias),
+        bool(delta_softplus), chunk, segment,
+    )
+    return out.to(u.dtype)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -1,0 +1,254 @@
+"""Optuna studies: tune one architecture over the folds, then train the final folds with the best trial.
+
+    python run_cv.py --tune --arch mamba_va --n-trials 40 --study mva        # SQLite in runs/mva/
+    python run_cv.py --config runs/mva/best_config.yaml                       # final folds, best trial
+
+Objective: the mean validation CCC over the folds (or ``--tune-folds``, a subset). Every epoch of
+every fold reports an intermediate value at step ``fold_index * epochs + epoch``, so steps never
+collide and the pruner compares like with like. A trial that fails (NaN loss, out of memory, a bad
+config) is recorded as failed with its reason in the ``fail_reason`` user attribute; the study goes on.
+
+Storage (``--storage``): default a SQLite file in the study folder; a path ending in ``.log`` or
+``.journal`` (or ``journal:PATH``) is a JournalFileBackend for several processes on one machine or a
+shared filesystem; any SQLAlchemy URL, e.g. ``postgresql://user@host/db``, for workers on several
+machines. On RDB storages, workers send heartbeats: a killed worker's trial is marked failed after
+the grace period and retried (RetryFailedTrialCallback).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import warnings
+
+import optuna
+import yaml
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from .config import RunConfig
+from .console import console, table
+from .data import Dataset
+from .folds import load_or_make_folds
+from .cv import fold_ids
+from .io import atomic_path, atomic_write_text
+from .models import model_info
+from .train import FoldTrainer, TrainingDiverged
+
+PRUNERS = ("median", "hyperband", "none")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, mpl plots
+HEARTBEAT_SECONDS = int(os.environ.get("ABAW_HEARTBEAT_SECONDS", 30))  # a dead worker's trial is retried after 4x
+# Raised by a trial that should be recorded as failed while the study goes on.
+TRIAL_FAILURES = (TrainingDiverged, RuntimeError, ValueError, MemoryError)
+
+
+def suggest_training(trial: optuna.Trial) -> dict[str, Any]:
+    """The search space every architecture shares (RunConfig fields)."""
+    return {
+        "lr": trial.suggest_float("lr", 1e-5, 3e-3, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-1, log=True),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.4),
+        "window": trial.suggest_categorical("window", [150, 300, 600]),
+        "batch_size": trial.suggest_categorical("batch_size", [8, 16, 32]),
+    }
+
+
+def suggest_architecture(trial: optuna.Trial, arch: str, size: str) -> dict[str, Any]:
+    """The architecture's own sizes, declared beside its config as ``search_space(trial, size)``."""
+    config_class = type(model_info(arch, size=size).config)
+    space = getattr(config_class, "search_space", None)
+    return space(trial, size) if space is not None else {}
+
+
+def make_storage(url: str | None, study_dir: Path) -> optuna.storages.BaseStorage:
+    if url is None:
+        url = f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    return RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=4 * HEARTBEAT_SECONDS,
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"unknown pruner {name!r}; choose one of {PRUNERS}")
+
+
+def trial_config(base: RunConfig, trial: optuna.Trial, arch: str) -> RunConfig:
+    training = suggest_training(trial)
+    training["hop"] = max(1, int(training["window"] * 2 / 3))  # keep the published 300/200 overlap ratio
+    model = {**base.model, arch: {**base.model.get(arch, {}), **suggest_architecture(trial, arch, base.size)}}
+    return replace(base, arch=[arch], model=model, **training)
+
+
+class Objective:
+    """Mean validation CCC of one architecture over the chosen folds, reported per epoch."""
+
+    def __init__(self, base: RunConfig, dataset: Dataset, arch: str, folds_used: list[int], study_dir: Path,
+                 folds_dir: str | Path = "folds"):
+        self.base, self.dataset, self.arch, self.study_dir = base, dataset, arch, study_dir
+        self.folds, _ = load_or_make_folds(dataset, base.folds, base.fold_mode, base.seed, folds_dir)
+        available = fold_ids(self.folds)
+        bad = [k for k in folds_used if k not in available]
+        if bad:
+            raise ValueError(f"--tune-folds {bad} not among the folds {available}")
+        self.folds_used = folds_used or available
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        config = trial_config(self.base, trial, self.arch)
+        trial.set_user_attr("config", asdict(config))  # exactly what this trial trained with
+        trial_dir = self.study_dir / "trials" / f"{trial.number:04d}"
+        scores = []
+        try:
+            for index, fold in enumerate(self.folds_used):
+                def report(epoch: int, value: float, index=index) -> None:
+                    trial.report(value, step=index * config.epochs + epoch)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"pruned at fold {fold}, epoch {epoch + 1}")
+
+                trainer = FoldTrainer(config, self.arch, fold, self.dataset, self.folds,
+                                      trial_dir / f"fold{fold}", epoch_callback=report)
+                result = trainer.run()
+                if result.status != "completed":
+                    raise TrainingDiverged(result.error)
+                scores.append(result.mean)
+        except TRIAL_FAILURES as exc:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            shutil.rmtree(trial_dir, ignore_errors=True)  # trial models are not kept: the final run trains them
+        value = sum(scores) / len(scores)
+        if not math.isfinite(value):
+            trial.set_user_attr("fail_reason", "validation CCC is not finite")
+            raise TrainingDiverged("validation CCC is not finite")
+        return value
+
+
+def best_config(study: optuna.Study, out: str) -> RunConfig:
+    """The resolved run config the best trial trained with, training every fold into ``out``."""
+    return replace(RunConfig(**study.best_trial.user_attrs["config"]), out=out)
+
+
+def write_best_config(study: optuna.Study, base: RunConfig, arch: str, study_dir: Path) -> Path:
+    config = best_config(study, out=str(Path(base.out).parent / f"{study_dir.name}-best"))
+    path = study_dir / "best_config.yaml"
+    header = (f"# best trial {study.best_trial.number} of study {study.study_name!r}: "
+              f"mean validation CCC {study.best_value:.4f}\n"
+              f"# train the final folds with: python run_cv.py --config {path}\n")
+    atomic_write_text(path, header + yaml.safe_dump(asdict(config), sort_keys=False))
+    return path
+
+
+def top_trials_rows(study: optuna.Study, n: int = 10) -> list[dict]:
+    trials = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    trials.sort(key=lambda t: t.value, reverse=True)
+    rows = []
+    for t in trials[:n]:
+        rows.append({"trial": t.number, "CCC": t.value,
+                     **{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in t.params.items()}})
+    return rows
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optimization history and parameter importances as PNG (importances need 2+ complete trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    saved = []
+    plots = {"optimization_history.png": ovm.plot_optimization_history}
+    if sum(t.state == TrialState.COMPLETE for t in study.trials) >= 2:
+        plots["param_importances.png"] = ovm.plot_param_importances
+    for name, plot in plots.items():
+        ax = plot(study)
+        with atomic_path(folder / name) as tmp:
+            ax.figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        plt.close(ax.figure)
+        saved.append(folder / name)
+    return saved
+
+
+def _create_or_join(study_name: str, storage: str | None, study_dir: Path, attempts: int = 5,
+                    **kwargs) -> optuna.Study:
+    """Create the study or join it. Workers starting together race to create the same tables and
+    study row; the loser sees an integrity error and simply joins on the next attempt."""
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(study_name=study_name, storage=make_storage(storage, study_dir),
+                                       direction="maximize", load_if_exists=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy's IntegrityError/OperationalError, driver-specific
+            if attempt == attempts - 1 or "sqlalchemy" not in type(exc).__module__:
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
+def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int, storage: str | None = None,
+              pruner: str = "median", tune_folds: list[int] | None = None, folds_dir: str | Path = "folds",
+              timeout: float | None = None) -> optuna.Study:
+    """Run (or join) a study for ``base.arch[0]`` and write its report and best config."""
+    if len(base.arch) != 1:
+        raise ValueError(f"--tune tunes one architecture at a time, got {base.arch}")
+    arch = base.arch[0]
+    study_dir = Path(base.out)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(study_dir / "tune_config.yaml", yaml.safe_dump(
+        {**asdict(base), "study": study_name, "storage": storage, "pruner": pruner, "tune_folds": tune_folds},
+        sort_keys=False))
+    # Workers sharing a study must not sample the same points: seed each worker differently.
+    seed = base.seed if storage is None else base.seed + os.getpid()
+    study = _create_or_join(study_name, storage, study_dir,
+                            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+                            pruner=make_pruner(pruner))
+    study.set_user_attr("arch", arch)
+    objective = Objective(base, dataset, arch, tune_folds or [], study_dir, folds_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # n_trials is the study's total, shared by every worker, so a rerun or a second worker continues it.
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    if len(study.get_trials(deepcopy=False, states=finished)) < n_trials:
+        study.optimize(objective, timeout=timeout, catch=TRIAL_FAILURES,
+                       callbacks=[MaxTrialsCallback(n_trials, states=finished), _print_trial])
+    report_study(study, base, arch, study_dir)
+    return study
+
+
+def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    value = f"{trial.value:.4f}" if trial.value is not None else "-"
+    reason = trial.user_attrs.get("fail_reason", "")
+    console.print(f"trial {trial.number}: {trial.state.name} CCC {value} {reason}", markup=False)
+
+
+def report_study(study: optuna.Study, base: RunConfig, arch: str, study_dir: Path) -> None:
+    console.print(table(top_trials_rows(study), title=f"Top trials of {study.study_name} ({arch})"))
+    console.print(f"trials: {state_counts(study)}")
+    if any(t.state == TrialState.COMPLETE for t in study.trials):
+        path = write_best_config(study, base, arch, study_dir)
+        console.print(f"best config: {path}  ->  python run_cv.py --config {path}")
+        for plot in save_plots(study, study_dir):
+            console.print(f"plot: {plot}")

@@ -1,0 +1,147 @@
+"""Optuna studies: pruning, failures recorded with reasons, best config, shared storages, heartbeats."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+import abaw.tune as tune
+from abaw import cli
+from abaw.config import RunConfig
+from abaw.data import open_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base_config(out, **kw):
+    return RunConfig(arch=["linear"], folds=3, epochs=3, window=200, hop=200, out=str(out), **kw)
+
+
+@pytest.fixture
+def scripted_lr(monkeypatch):
+    """Trial 2 has a bad config (NaN lr); trials 4+ learn nothing (so the pruner must stop them)."""
+    real = tune.suggest_training
+
+    def suggest(trial):
+        params = real(trial)
+        params["window"] = 200
+        if trial.number == 2:
+            params["lr"] = float("nan")
+        elif trial.number >= 4:
+            params["lr"] = 1e-9
+        else:
+            params["lr"] = 3e-3
+        return params
+
+    monkeypatch.setattr(tune, "suggest_training", suggest)
+
+
+def test_study_prunes_records_failures_and_writes_best_config(small_root, tmp_path, scripted_lr):
+    dataset = open_dataset(small_root)
+    study = tune.run_study(base_config(tmp_path / "s"), dataset, "s", n_trials=6, tune_folds=[0, 1],
+                           folds_dir=tmp_path / "folds")
+    states = {t.number: t.state for t in study.trials}
+    assert states[2] == TrialState.FAIL
+    assert "Invalid learning rate: nan" in study.trials[2].user_attrs["fail_reason"]
+    assert states[4] == states[5] == TrialState.PRUNED
+    assert states[0] == states[1] == TrialState.COMPLETE
+
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    for t in complete:  # fold index * epochs + epoch: two folds x three epochs, no step reported twice
+        assert sorted(t.intermediate_values) == [0, 1, 2, 3, 4, 5]
+    pruned = study.trials[4]
+    assert max(pruned.intermediate_values) < 5
+
+    best = tmp_path / "s" / "best_config.yaml"
+    config = cli.resolve(cli.run_cv_parser().parse_args(["--config", str(best)]))
+    assert config.lr == 3e-3 and config.arch == ["linear"] and config.window == 200
+    assert config.weight_decay == study.best_trial.params["weight_decay"]
+    assert config.out.endswith("s-best")
+    assert (tmp_path / "s" / "optimization_history.png").stat().st_size > 1000
+    assert (tmp_path / "s" / "param_importances.png").exists()
+    assert not (tmp_path / "s" / "trials").exists() or not any((tmp_path / "s" / "trials").iterdir())
+
+
+def test_study_continues_to_its_total_on_rerun(small_root, tmp_path):
+    dataset = open_dataset(small_root)
+    config = base_config(tmp_path / "s", )
+    tune.run_study(config, dataset, "again", n_trials=2, tune_folds=[0], folds_dir=tmp_path / "folds",
+                   pruner="none")
+    study = tune.run_study(config, dataset, "again", n_trials=3, tune_folds=[0], folds_dir=tmp_path / "folds",
+                           pruner="none")
+    assert [t.number for t in study.trials] == [0, 1, 2]
+
+
+def tune_worker(root, storage, study, tmp_path, n_trials, env=None):
+    args = [sys.executable, str(REPO / "run_cv.py"), "--data-root", str(root), "--tune", "--arch", "linear",
+            "--study", study, "--storage", storage, "--n-trials", str(n_trials), "--folds", "3",
+            "--tune-folds", "0", "--epochs", "2", "--window", "200", "--pruner", "none",
+            "--out", str(tmp_path / study)]
+    return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def check_shared_study(storage_url, study_name, n_trials, tmp_path):
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) and len(numbers) >= n_trials
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert (tmp_path / study_name / "best_config.yaml").exists()
+
+
+def test_two_workers_share_a_journal_file(small_root, tmp_path):
+    storage = str(tmp_path / "journal.log")
+    workers = [tune_worker(small_root, storage, "shared", tmp_path, 4) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), [o[-3000:] for o in outputs]
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    check_shared_study(JournalStorage(JournalFileBackend(storage)), "shared", 4, tmp_path)
+
+
+@pytest.mark.postgres
+def test_two_workers_share_a_postgres_study(small_root, tmp_path):
+    url = os.environ.get("ABAW_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the PostgreSQL test: .ci/run should have set ABAW_TEST_POSTGRES_URL")
+        pytest.skip("no PostgreSQL server: set ABAW_TEST_POSTGRES_URL (bash .ci/run starts one)")
+    name = f"pg{os.getpid()}"
+    workers = [tune_worker(small_root, url, name, tmp_path, 4) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), [o[-3000:] for o in outputs]
+    check_shared_study(url, name, 4, tmp_path)
+    study = optuna.load_study(study_name=name, storage=url)
+    assert len({t.datetime_start for t in study.trials}) == len(study.trials)
+
+
+def test_a_killed_workers_trial_is_failed_and_retried(small_root, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'hb.db'}"
+    env = {"ABAW_HEARTBEAT_SECONDS": "1"}
+    first = tune_worker(small_root, storage, "hb", tmp_path, 2, env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            trials = optuna.load_study(study_name="hb", storage=storage).trials
+            if trials and trials[0].state == TrialState.RUNNING:
+                break
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    time.sleep(5)  # past the grace period (4 heartbeats)
+    second = tune_worker(small_root, storage, "hb", tmp_path, 2, env)
+    out = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, out
+    study = optuna.load_study(study_name="hb", storage=storage)
+    killed = study.trials[0]
+    assert killed.state == TrialState.FAIL
+    retried = [t for t in study.trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
+    assert retried and retried[0].state == TrialState.COMPLETE and retried[0].params == killed.params
