@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# Generate + validate the demo dataset, cross-validate the default architecture, then merge the
+# folds into a submission and print the honest ensemble report and the zip's path.
 demo: $(STAMP)
 	$(PY) run_cv.py
+	$(PY) make_submission.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=10

@@ -91,7 +91,8 @@ class CVProgress:
         self.ids = {task: self.bars.add_task(f"{task[0]} fold {task[1]}", total=epochs, note="queued")
                     for task in tasks}
         self.scores: dict[tuple[str, int], dict] = {}
-        self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
+        self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False,
+                         auto_refresh=console.is_terminal)
 
     def _render(self):
         rows = [{"arch": a, "fold": f, "CCC v": s.get("valence", float("nan")), "CCC a": s.get("arousal", float("nan")),
@@ -115,7 +116,15 @@ class CVProgress:
         elif kind == "failed":
             self.bars.update(bar, note="[red]failed[/]")
             self.scores[key] = {"status": "failed"}
-        self.live.update(self._render())
+        if console.is_terminal:
+            self.live.update(self._render())
+        elif kind in ("epoch", "done", "failed", "resumed"):  # logs and CI: one plain line per event
+            detail = {"epoch": lambda: f"epoch {event['epoch']}/{self.bars.tasks[bar].total:.0f} "
+                                       f"val CCC {event['val']:.4f} (best {event['best']:.4f})",
+                      "done": lambda: f"done: CCC {event['result']['mean']:.4f}",
+                      "failed": lambda: f"FAILED: {event['error']}",
+                      "resumed": lambda: f"resumed after epoch {event['epoch']}"}[kind]()
+            console.print(f"{key[0]} fold {key[1]}: {detail}", markup=False)
 
 
 def _devices(config: RunConfig) -> list[str]:

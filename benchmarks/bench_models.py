@@ -10,8 +10,9 @@ inputs and activations of one training step. A cell whose attention maps alone w
 exceed ``--max-gb`` is skipped and marked; every other cell runs under an address-space limit of
 ``--max-gb`` + 4 GB so that a misjudged one fails ("OOM") instead of exhausting the machine.
 
-Time = median over ``--repeats`` training steps (zero_grad, forward, MSE loss on real frames,
-backward) after one short warm-up step; repeats stop early once a cell has used ``--budget-s``.
+Time = best of ``--repeats`` training steps (zero_grad, forward, MSE loss on real frames,
+backward) after one short warm-up step, as ``timeit`` does: on a shared machine the minimum is
+the least disturbed estimate. Repeats stop early once a cell has used ``--budget-s``.
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def worker(arch: str, size: str, batch: int, length: int, repeats: int, budget_s
         return {"skipped": f"OOM above {max_gb + 4:.0f} GB"}
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
     params = sum(p.numel() for p in model.parameters())
-    return {"time_s": statistics.median(times), "n": len(times), "peak_gb": peak_gb, "params": params}
+    return {"time_s": min(times), "median_s": statistics.median(times), "times_s": times,
+            "peak_gb": peak_gb, "params": params}
 
 
 def run_cell(args, arch: str, length: int) -> dict:
@@ -145,7 +147,7 @@ def main() -> None:
             print(f"  {arch:16s} L={length:<5d} {fmt(results[arch][length])}", file=sys.stderr, flush=True)
 
     print(f"\nforward+backward, batch {args.batch}, size {args.size!r}, 2 threads, "
-          f"time = median step, peak = max RSS of the cell's process")
+          f"time = best of {args.repeats} steps, peak = max RSS of the cell's process")
     head = ["arch", "params"] + [f"L={n}" for n in args.lengths]
     if args.size == "abaw" and 300 in args.lengths:
         head.append("published @300")

@@ -101,6 +101,18 @@ def test_masked_batchnorm_ignores_padding_in_train_mode():
     close(model(longer, make_mask(LENGTHS, T + 7))[:, :T][mask], out[mask])
 
 
+def test_positional_encoding_is_parameter_free_and_padding_safe():
+    plain, pe = build("tcn_transformer"), build("tcn_transformer", pos_encoding=True)
+    assert sum(p.numel() for p in pe.parameters()) == sum(p.numel() for p in plain.parameters())
+    pe.eval()
+    feats, mask = make_feats(pe), make_mask(LENGTHS)
+    with torch.no_grad():
+        out = pe(feats, mask)
+        assert not torch.allclose(out, plain.eval()(feats, mask))
+        alone = pe({m: x[1:2, :LENGTHS[1]] for m, x in feats.items()}, torch.ones(1, LENGTHS[1], dtype=torch.bool))
+    close(alone[0], out[1, :LENGTHS[1]])
+
+
 @pytest.mark.parametrize("name", [n for n in list_models() if model_info(n).modalities == ("visual",)])
 @pytest.mark.parametrize("dim", [17, 1024])
 def test_visual_only_models_accept_any_width(name, dim):

@@ -10,7 +10,7 @@ frame t depends on frames <= t only) and ``config`` (its resolved dataclass). Pa
 (mask False) never change the outputs of real frames; padding is expected on the right.
 
 ``size`` picks a preset: "abaw" = the published defaults (ABAW-sized), "demo" = small enough to
-train a fold of the demo data on 2 CPU cores in seconds. ``input_dims`` maps modality -> feature
+train a fold of the demo data (~50 videos) on 2 CPU cores well within a minute. ``input_dims`` maps modality -> feature
 width and wins over the preset's widths; keys for modalities the model does not use are ignored,
 so a trainer may pass the widths of every modality it has. ``**overrides`` set config fields.
 """
@@ -20,10 +20,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["create_model", "list_models", "model_info", "register_model", "resolve_config",
-           "ModelInfo", "SIZES"]
+           "ModelInfo", "SIZES", "key_padding_mask", "single_modality_dims"]
 
 SIZES = ("abaw", "demo")
 
@@ -101,6 +101,18 @@ def single_modality_dims(cfg, input_dims: Mapping[str, int]):
     if cfg.modality in input_dims:
         return dataclasses.replace(cfg, input_dim=int(input_dims[cfg.modality]))
     return cfg
+
+
+def key_padding_mask(mask: Tensor) -> Tensor | None:
+    """(B, T) True = real -> (B, T) True = ignore, or None when nothing is padded.
+
+    None lets attention skip the mask arithmetic (same result). A row of padding only would give
+    NaN from the softmax; such a row attends to everything instead (its outputs are never read).
+    """
+    if bool(mask.all()):
+        return None
+    pad = ~mask
+    return pad & ~pad.all(dim=1, keepdim=True)
 
 
 # Importing the architecture modules registers them (they use register_model above).

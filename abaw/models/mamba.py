@@ -69,6 +69,7 @@ Deliberate deviations from mamba-ssm
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn as nn
@@ -88,20 +89,74 @@ except (ImportError, OSError):
 
 __all__ = ["Mamba", "selective_scan", "selective_scan_sequential"]
 
-# Tuned on a 2-core CPU for B=8, D=512, N=16 (see benchmarks/bench_mamba.py).
-DEFAULT_CHUNK_SIZE = 8
-DEFAULT_SEGMENT_LEN = 64
+# Work-buffer size (elements) that sets the default segment length: (B, S, D, N) buffers of
+# ~3 MB stay in cache.  Measured on a 2-core EPYC: for B*D*N = 65536 (B=8, D=512, N=16) the
+# optimum is S ~ 12 (S = 64 is 1.3x slower, S = 128 1.7x); for B*D*N = 4096, S ~ 128-192.
+TARGET_BUFFER_ELEMS = 3 * 2**18
+
+
+def _default_sizes(bsz: int, dim: int, nst: int, seqlen: int):
+    """(chunk_size, segment_len): segment ~TARGET_BUFFER_ELEMS, chunk ~ sqrt(segment), so the
+    in-chunk loop and the across-chunk loop are about equally short."""
+    segment = max(1, min(seqlen, TARGET_BUFFER_ELEMS // (bsz * dim * nst)))
+    chunk = max(1, round(math.sqrt(segment)))
+    return chunk, -(-segment // chunk) * chunk
 
 
 # --------------------------------------------------------------------------------------
-# chunked scan kernels (operate in place on per-segment work buffers)
+# work buffers
 # --------------------------------------------------------------------------------------
-def _states_(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Forward scan of one segment, in place.
+_TLS = threading.local()
+_WORKSPACE_CACHE_MAX_BYTES = 64 * 2**20
 
-    a:  (B, S, D, N) decays exp(dt*A) on entry; cumulative decays from each chunk start on exit.
-    x:  (B, S, D, N) inputs dt*B*u on entry; states h_t on exit.
-    h0: (B, D, N) state before the segment.  Returns the state after the segment's last frame.
+
+def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat float32 scratch tensor of >= numel elements, reused across calls on CPU.
+
+    Why: a fresh multi-MB CPU allocation is mmap'ed by the allocator and page-faulted on
+    first touch, which here costs ~2 us per 4 kB page, several times the arithmetic done on
+    it.  The cache is per thread (so concurrent calls never share it) and bounded; on CUDA
+    the caching allocator already does this job.
+    """
+    if like.device.type != "cpu" or numel * 4 > _WORKSPACE_CACHE_MAX_BYTES:
+        return like.new_empty(numel)
+    buf = getattr(_TLS, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _TLS.buf = like.new_empty(numel)
+    return buf[:numel]
+
+
+class _Buffers:
+    """Carves the per-piece views out of one workspace: ``big`` (B, S, D, N) buffers and a
+    (B, S/chunk, D, N) buffer for the chunk-boundary states."""
+
+    def __init__(self, like, bsz, segment, dim, nst, n_big):
+        self.big_numel = bsz * segment * dim * nst
+        self.n_big = n_big
+        self.flat = _workspace(self.big_numel * (n_big + 1), like)
+
+    def views(self, shape, chunk):
+        n = math.prod(shape)
+        big = [self.flat[i * self.big_numel: i * self.big_numel + n].view(shape)
+               for i in range(self.n_big)]
+        n_chunks = shape[1] // chunk
+        off = self.n_big * self.big_numel
+        bound = self.flat[off: off + n // chunk].view(shape[0], n_chunks, *shape[2:])
+        return big, bound
+
+
+# --------------------------------------------------------------------------------------
+# chunked scan kernels (operate in place on per-piece work buffers)
+# --------------------------------------------------------------------------------------
+def _states_(a, x, h0, chunk, h_in, h_out=None):
+    """Forward scan of one piece, in place.
+
+    a:     (B, S, D, N) decays exp(dt*A) on entry; cumulative decays from each chunk start
+           on exit.
+    x:     (B, S, D, N) inputs dt*B*u on entry; states h_t on exit.
+    h0:    (B, D, N) state before the piece.
+    h_in:  (B, S/chunk, D, N) workspace: the true state entering each chunk.
+    h_out: (B, D, N) or None: receives the state after the piece's last frame.
     S must be a multiple of ``chunk``.
     """
     bsz, seg, dim, nst = a.shape
@@ -111,28 +166,28 @@ def _states_(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor, chunk: int) -> 
     # 1. local scans of all chunks at once (zero initial state): `chunk` vectorised steps.
     for t in range(1, chunk):
         x5[:, :, t].addcmul_(a5[:, :, t], x5[:, :, t - 1])  # h_t = a_t h_{t-1} + x_t
-        a5[:, :, t].mul_(a5[:, :, t - 1])  # P_t = a_t P_{t-1}  (<= 1, no overflow)
-    # 2. carry the true state across chunk boundaries: short loop over chunks, (B, D, N).
-    h_in = x.new_empty(bsz, n_chunks, dim, nst)  # true state entering each chunk
-    h = h0
-    for c in range(n_chunks):
-        h_in[:, c] = h
-        h = torch.addcmul(x5[:, c, -1], a5[:, c, -1], h)
-    # 3. add the contribution of the entering state to every frame: h_t += P_t H_{c-1}.
+        a5[:, :, t].mul_(a5[:, :, t - 1])  # P_t = a_t P_{t-1}  (<= 1: cannot overflow)
+    # 2. carry the true state across chunk boundaries: short loop over chunks on (B, D, N).
+    h_in[:, 0] = h0
+    for c in range(n_chunks - 1):
+        torch.addcmul(x5[:, c, -1], a5[:, c, -1], h_in[:, c], out=h_in[:, c + 1])
+    if h_out is not None:
+        torch.addcmul(x5[:, -1, -1], a5[:, -1, -1], h_in[:, -1], out=h_out)
+    # 3. add the entering state's contribution to every frame: h_t += P_t H_{c-1}.
     x5.addcmul_(a5, h_in[:, :, None])
-    return h
 
 
-def _adjoints_(a: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, nu: torch.Tensor,
-               chunk: int) -> torch.Tensor:
-    """Reverse (adjoint) scan of one segment, in place.
+def _adjoints_(a, lam, q, nu, chunk, nu_in, nu_out):
+    """Reverse (adjoint) scan of one piece, in place.
 
-    a:   (B, S, D, N) decays exp(dt*A) (read only).
-    lam: (B, S, D, N) g_t*C_t on entry; adjoint states lambda_t = dLoss/dh_t on exit, where
-         lambda_t = g_t C_t + a_{t+1} lambda_{t+1}.
-    q:   (B, S, D, N) workspace (overwritten).
-    nu:  (B, D, N) a_{t+1} lambda_{t+1} for the frame just after the segment (0 at the end).
-    Returns a_t lambda_t for the segment's first frame (``nu`` of the previous segment).
+    a:      (B, S, D, N) decays exp(dt*A) (read only).
+    lam:    (B, S, D, N) g_t*C_t on entry; on exit the adjoint states
+            lambda_t = dLoss/dh_t = g_t C_t + a_{t+1} lambda_{t+1}.
+    q:      (B, S, D, N) workspace (overwritten).
+    nu:     (B, D, N) a_{t+1} lambda_{t+1} for the frame just after the piece (0 at the end).
+    nu_in:  (B, S/chunk, D, N) workspace.
+    nu_out: (B, D, N) receives a_t lambda_t of the piece's first frame (the previous
+            piece's ``nu``).
     """
     bsz, seg, dim, nst = a.shape
     n_chunks = seg // chunk
@@ -144,14 +199,35 @@ def _adjoints_(a: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, nu: torch.Te
     for t in range(chunk - 2, -1, -1):
         l5[:, :, t].addcmul_(a5[:, :, t + 1], l5[:, :, t + 1])
         torch.mul(q5[:, :, t + 1], a5[:, :, t + 1], out=q5[:, :, t])
-    # 2. carry across chunk boundaries, last chunk first.
-    nu_in = lam.new_empty(bsz, n_chunks, dim, nst)  # a*lambda entering each chunk's end
+    # 2. carry across chunk boundaries, last chunk first.  nu_in[c] = a lambda entering the
+    #    end of chunk c; the chunk's first frame is completed here (lambda += q nu) because
+    #    the next carry needs it.
+    nu_in[:, -1] = nu
     for c in range(n_chunks - 1, -1, -1):
-        nu_in[:, c] = nu
-        nu = a5[:, c, 0] * torch.addcmul(l5[:, c, 0], q5[:, c, 0], nu)
-    # 3. lambda_t += q_t * nu_c
-    l5.addcmul_(q5, nu_in[:, :, None])
-    return nu
+        l5[:, c, 0].addcmul_(q5[:, c, 0], nu_in[:, c])
+        torch.mul(a5[:, c, 0], l5[:, c, 0], out=nu_in[:, c - 1] if c else nu_out)
+    # 3. lambda_t += q_t nu_c for the remaining frames.
+    if chunk > 1:
+        l5[:, :, 1:].addcmul_(q5[:, :, 1:], nu_in[:, :, None])
+
+
+def _softplus(x):
+    """softplus(x) = max(x, 0) + log1p(exp(-|x|)) (= F.softplus up to rounding).
+
+    Written without torch.log1p / F.softplus, which are not vectorised in x86 CPU builds of
+    PyTorch (~10x slower than log); log1p(y) = y * log(w) / (w - 1) with w = 1 + y
+    (Goldberg) keeps full relative precision for tiny y.
+    """
+    y = torch.exp(-x.abs())
+    w = 1.0 + y
+    lp = torch.where(w == 1.0, y, torch.log(w) * y / (w - 1.0))
+    return x.clamp(min=0).add_(lp)
+
+
+def _dt(delta_raw, delta_bias, delta_softplus):
+    """(pre, dt): pre = delta + delta_bias; dt = softplus(pre) when delta_softplus."""
+    pre = delta_raw if delta_bias is None else delta_raw + delta_bias
+    return pre, (_softplus(pre) if delta_softplus else pre)
 
 
 # Reductions over the (B, S, D, N) work buffers.  Mathematically plain einsums; written as
@@ -195,12 +271,6 @@ def _pieces(seqlen: int, chunk: int, segment: int):
     return pieces
 
 
-def _dt(delta_raw, delta_bias, delta_softplus):
-    """dt = softplus(delta + delta_bias), as selective_scan_fn(delta_softplus=True)."""
-    dt = delta_raw if delta_bias is None else delta_raw + delta_bias
-    return F.softplus(dt) if delta_softplus else dt
-
-
 class _ChunkedScanFn(torch.autograd.Function):
     """Fused selective scan in (B, L, .) layout; the math of mamba-ssm's selective_scan_fn:
 
@@ -219,30 +289,25 @@ class _ChunkedScanFn(torch.autograd.Function):
             bsz, seqlen, dim = u.shape
             nst = A.shape[1]
             segment = min(segment, seqlen)
+            pieces = _pieces(seqlen, chunk, segment)
             out = u.new_empty(bsz, seqlen, dim)
-            # Work buffers reused by every piece (the tail piece is shorter: it takes a
-            # contiguous view of the front of the flat buffer).
-            numel = bsz * segment * dim * nst
-            buf_a, buf_x = u.new_empty(numel), u.new_empty(numel)
-            h = u.new_zeros(bsz, dim, nst)
-            h_starts = []
-            for s0, s1, ck in _pieces(seqlen, chunk, segment):
-                shape = (bsz, s1 - s0, dim, nst)
-                a = buf_a[: math.prod(shape)].view(shape)
-                x = buf_x[: math.prod(shape)].view(shape)
-                dt = _dt(delta[:, s0:s1], delta_bias, delta_softplus)  # (B, S, D)
+            h_starts = u.new_empty(len(pieces) + 1, bsz, dim, nst)  # state before each piece
+            h_starts[0].zero_()
+            bufs = _Buffers(u, bsz, segment, dim, nst, n_big=2)
+            for i, (s0, s1, ck) in enumerate(pieces):
+                (a, x), h_in = bufs.views((bsz, s1 - s0, dim, nst), ck)
+                _, dt = _dt(delta[:, s0:s1], delta_bias, delta_softplus)  # (B, S, D)
                 u_s = u[:, s0:s1]
                 torch.mul(dt[..., None], A, out=a).exp_()  # a_t = exp(dt A)   (B, S, D, N)
                 torch.mul((dt * u_s)[..., None], Bm[:, s0:s1, None, :], out=x)  # dt B u
-                h_starts.append(h)
-                h = _states_(a, x, h, ck)  # x <- h
+                _states_(a, x, h_starts[i], ck, h_in, h_out=h_starts[i + 1])  # x <- h
                 y = _contract_n(x, Cm[:, s0:s1], a)  # sum_n C h  (B, S, D); `a` is free now
                 if D is not None:
                     y.addcmul_(u_s, D)
                 if z is not None:
                     y.mul_(F.silu(z[:, s0:s1]))
                 out[:, s0:s1] = y
-            ctx.save_for_backward(u, delta, A, Bm, Cm, D, z, delta_bias, torch.stack(h_starts))
+            ctx.save_for_backward(u, delta, A, Bm, Cm, D, z, delta_bias, h_starts)
             ctx.delta_softplus, ctx.chunk, ctx.segment = delta_softplus, chunk, segment
         return out
 
@@ -262,24 +327,21 @@ class _ChunkedScanFn(torch.autograd.Function):
             grad_A = torch.zeros_like(A)
             grad_D = None if D is None else torch.zeros_like(D)
             grad_bias = None if delta_bias is None else torch.zeros_like(delta_bias)
-            numel = bsz * segment * dim * nst
-            buf_a, buf_x, buf_q, buf_l = (u.new_empty(numel) for _ in range(4))
-            nu = u.new_zeros(bsz, dim, nst)  # a_{t+1} lambda_{t+1} after the current piece
+            bufs = _Buffers(u, bsz, segment, dim, nst, n_big=4)
+            # a_{t+1} lambda_{t+1} just after the current piece; ping-pong pair, 0 at the end
+            nus = u.new_zeros(2, bsz, dim, nst)
             pieces = _pieces(seqlen, chunk, segment)
             for i in range(len(pieces) - 1, -1, -1):
                 s0, s1, ck = pieces[i]
-                shape = (bsz, s1 - s0, dim, nst)
-                n = math.prod(shape)
-                a, x, q, lam = (b[:n].view(shape) for b in (buf_a, buf_x, buf_q, buf_l))
+                (a, x, q, lam), bound = bufs.views((bsz, s1 - s0, dim, nst), ck)
                 u_s, B_s, C_s, h0 = u[:, s0:s1], Bm[:, s0:s1], Cm[:, s0:s1], h_starts[i]
                 # -- recompute dt and the piece's states (gradient checkpointing) ----------
-                pre = delta[:, s0:s1] if delta_bias is None else delta[:, s0:s1] + delta_bias
-                dt = F.softplus(pre) if softplus else pre
+                pre, dt = _dt(delta[:, s0:s1], delta_bias, softplus)
                 du = dt * u_s
                 torch.mul(dt[..., None], A, out=a).exp_()
                 torch.mul(du[..., None], B_s[:, :, None, :], out=x)
                 q.copy_(a)
-                _states_(q, x, h0, ck)  # x <- h (B, S, D, N); q <- cumulative decays
+                _states_(q, x, h0, ck, bound)  # x <- h (B, S, D, N); q <- cumulative decays
                 # -- epilogue backward: out = (y + D u) * silu(z) --------------------------
                 g = gout[:, s0:s1]
                 if z is not None:
@@ -296,7 +358,7 @@ class _ChunkedScanFn(torch.autograd.Function):
                 grad_C[:, s0:s1] = _contract_d(x, g)  # sum_d g h
                 # -- adjoint states lambda_t = dLoss/dh_t ---------------------------------
                 torch.mul(g[..., None], C_s[:, :, None, :], out=lam)
-                nu = _adjoints_(a, lam, q, nu, ck)
+                _adjoints_(a, lam, q, nus[i % 2], ck, bound, nus[(i + 1) % 2])
                 lam_B = _contract_n(lam, B_s, q)  # sum_n lambda B  (B, S, D); `q` is free now
                 gu = dt * lam_B
                 if D is not None:
@@ -312,7 +374,7 @@ class _ChunkedScanFn(torch.autograd.Function):
                 gdt.addcmul_(u_s, lam_B)
                 grad_A += _contract_bt(a, dt, q)
                 if softplus:
-                    gdt.mul_(torch.sigmoid(pre))
+                    gdt.mul_(torch.sigmoid(pre))  # softplus' = sigmoid
                 grad_delta[:, s0:s1] = gdt
                 if grad_bias is not None:
                     grad_bias += gdt.sum((0, 1))
@@ -327,8 +389,9 @@ def _selective_scan_bld(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     u, delta, z: (B, L, D); A: (D, N); B, C: (B, L, N); D, delta_bias: (D,).
     Returns (B, L, D) in u's dtype.  Computes in float32 (also under autocast).
     """
-    chunk = chunk_size or DEFAULT_CHUNK_SIZE
-    segment = segment_len or DEFAULT_SEGMENT_LEN
+    auto_chunk, auto_segment = _default_sizes(u.shape[0], u.shape[2], A.shape[1], u.shape[1])
+    chunk = chunk_size or auto_chunk
+    segment = segment_len or max(auto_segment, chunk)
     segment = max(chunk, segment // chunk * chunk)  # a whole number of chunks
 
     def f32(t):
@@ -421,8 +484,9 @@ class Mamba(nn.Module):
         self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
         # Pure-PyTorch scan tuning knobs (not in mamba-ssm; not part of the state_dict).
-        self.chunk_size = DEFAULT_CHUNK_SIZE
-        self.segment_len = DEFAULT_SEGMENT_LEN
+        # None = automatic (see _default_sizes).
+        self.chunk_size = None
+        self.segment_len = None
 
         self.in_proj = nn.Linear(self.d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
 

@@ -34,6 +34,8 @@ Deviations from the published code, on purpose:
   pathways attend over time instead of degenerating to a broadcast of one vector;
 - every attention gets the key padding mask;
 - trainable modality-specific self-attention encoders replace the frozen BEiT-3 (see above);
+- no dropout on the attention maps by default (``attn_dropout``; the published rate is not known):
+  on CPU it costs more than the attention itself;
 - the modality names and the number of modalities are configurable: N modalities give
   N (N - 1) pathways.
 """
@@ -46,7 +48,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from abaw.models import register_model, resolve_config
+from abaw.models import key_padding_mask, register_model, resolve_config
 
 
 @dataclass
@@ -59,7 +61,9 @@ class MavenConfig:
     })
     d_model: int = 512
     n_heads: int = 2
-    dropout: float = 0.1
+    dropout: float = 0.1           # residual, feed-forward and head dropout
+    attn_dropout: float = 0.0      # on attention maps (nn.MultiheadAttention's default); a Bernoulli
+                                   # draw per map entry triples the CPU cost of the demo model
     encoder_layers: int = 1        # published: frozen BEiT-3 instead; 0 gives the published count
     encoder_ff: int = 1024         # feed-forward width of the per-modality encoder layers
     head_dims: tuple[int, ...] = (512, 256)  # MLP N*d_model -> 512 -> 256 -> 2
@@ -106,7 +110,7 @@ class Maven(nn.Module):
         d = cfg.d_model
         self.proj = nn.ModuleDict({m: nn.Linear(cfg.dims[m], d) for m in cfg.names})
         self.pathways = nn.ModuleDict({
-            f"{s}_to_{m}": nn.MultiheadAttention(d, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
+            f"{s}_to_{m}": nn.MultiheadAttention(d, cfg.n_heads, dropout=cfg.attn_dropout, batch_first=True)
             for m in cfg.names for s in cfg.names if s != m
         })
         self.encoders = nn.ModuleDict({m: self._encoder(cfg) for m in cfg.names})
@@ -126,28 +130,23 @@ class Maven(nn.Module):
             return nn.Identity()
         layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, cfg.encoder_ff, cfg.dropout,
                                            batch_first=True)
+        layer.self_attn.dropout = cfg.attn_dropout  # the layer uses one rate for everything
         return nn.TransformerEncoder(layer, cfg.encoder_layers, enable_nested_tensor=False)
 
     def forward(self, feats: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        pad = ~mask
-        pad = pad & ~pad.all(dim=1, keepdim=True)  # an all-padding row would softmax to NaN
+        pad = key_padding_mask(mask)  # (B, T) True = ignore, or None
         keep = mask[..., None]
         x = {m: self.proj[m](feats[m].masked_fill(~keep, 0.0)) for m in self.config.names}  # (B, T, d)
         h = {}
-        for m in self.config.names:
-            h[m] = x[m]
-            for s in self.config.names:
-                if s != m:
-                    attn, _ = self.pathways[f"{s}_to_{m}"](x[m], x[s], x[s], key_padding_mask=pad,
-                                                           need_weights=False)
-                    h[m] = h[m] + attn                                            # (B, T, d)
-        h = {m: self._encode(m, h[m], pad) for m in self.config.names}
+        for m in self.config.names:  # refine m with what every other modality s says about it
+            cross = [self.pathways[f"{s}_to_{m}"](x[m], x[s], x[s], key_padding_mask=pad,
+                                                  need_weights=False)[0]                # (B, T, d)
+                     for s in self.config.names if s != m]
+            h[m] = x[m] + sum(cross)
+            if not isinstance(self.encoders[m], nn.Identity):
+                h[m] = self.encoders[m](h[m], src_key_padding_mask=pad)               # (B, T, d)
         theta, intensity = self.head(torch.cat(list(h.values()), dim=-1)).unbind(-1)  # (B, T) each
         return polar_to_va(theta, intensity)                                          # (B, T, 2)
-
-    def _encode(self, m: str, h: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        enc = self.encoders[m]
-        return enc(h) if isinstance(enc, nn.Identity) else enc(h, src_key_padding_mask=pad)
 
 
 @register_model(Maven)

@@ -14,7 +14,9 @@ Block i uses dilation 2**i, so a stack of n blocks with kernel k sees 1 + 2(k-1)
 
 Parameter count per block (matches the published code exactly): two weight-normalised convs
 (v: C_out*C_in*k, g: C_out, bias: C_out), the optional 1x1 conv, plus one parameter per PReLU
-(three per block; 0 for ReLU).
+(three per block; 0 for ReLU). The published counts pin the activation down: Mamba-VA and
+MAE+TCN+Transformer use PReLU (+12 in 66,203,148 for 4 blocks, +9 in 7,689,097 for 3), the
+leader-follower TCNs use ReLU (968,832 and 104,832 have no such remainder).
 
 Deviations from the locuslab code, none of which changes the function or the parameter count:
 - causal padding is applied on the left only (``F.pad``), instead of padding both sides and

@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from abaw.models import register_model, resolve_config, single_modality_dims
+from abaw.models import key_padding_mask, register_model, resolve_config, single_modality_dims
 from abaw.models.tcn import TCN
 
 
@@ -92,7 +92,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T, C), (B, T)
-        if self.training or not self.track_running_stats:
+        if (self.training or not self.track_running_stats) and not bool(mask.all()):
             out = x.new_zeros(x.shape)                 # padded frames: 0, never read
             out[mask] = super().forward(x[mask])       # (N_real, C)
             return out
@@ -123,9 +123,7 @@ class TCNTransformer(nn.Module):
         x = self.proj(x.transpose(1, 2)).transpose(1, 2)                     # (B, T, d_model)
         if self.config.pos_encoding:
             x = x + sinusoidal_encoding(x.shape[1], x.shape[2], x.device, x.dtype)
-        pad = ~mask
-        pad = pad & ~pad.all(dim=1, keepdim=True)  # an all-padding row would softmax to NaN
-        x = self.transformer(x, src_key_padding_mask=pad)                     # (B, T, d_model)
+        x = self.transformer(x, src_key_padding_mask=key_padding_mask(mask))  # (B, T, d_model)
         return self.out(self.bn(self.fc(x), mask))                            # (B, T, 2)
 
 
