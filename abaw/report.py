@@ -1,10 +1,11 @@
 """Tables and figures that say whether an ensemble is worth submitting.
 
 The notebooks (``notebooks/ensemble_gains.ipynb``, ``notebooks/optuna_study.ipynb``) and the command
-line only call this module; every number comes from :mod:`abaw.runs` (reading a run folder),
-:mod:`abaw.ensemble` (merges and the honest report ``make_submission.py --report`` prints) and
-:mod:`abaw.metrics` (CCC). Tables are pandas DataFrames; figures are matplotlib Figures kept out
-of pyplot (optuna's are closed there), so a notebook shows each once and the CLI leaks none.
+line only call this module; every number comes from :mod:`abaw.runs` (the run folder; fold scores
+from its summary.csv), :mod:`abaw.ensemble` (merges, and the honest report that
+``make_submission.py --report`` prints) and :mod:`abaw.metrics` (CCC). Tables are pandas
+DataFrames; figures are matplotlib Figures kept out of pyplot (optuna's are closed there), so a
+notebook shows each once and the CLI leaks none.
 
     python -m abaw.report runs/demo --out reports/demo
     python -m abaw.report runs/a runs/b --out reports/ab --study mva --storage sqlite:///runs/mva/study.db
@@ -536,7 +537,8 @@ def parser() -> argparse.ArgumentParser:
                     "honest merge comparison, per-video CCC, fold agreement, best and worst videos; and, "
                     "with --study, the Optuna study's.")
     p.add_argument("runs", nargs="*", metavar="RUN",
-                   help="run folders (default: the latest demo run under --runs-dir; none with --study: study only)")
+                   help="run folders (default: $ABAW_RUNS, else the latest demo run under --runs-dir; "
+                        "none with --study: the study only)")
     p.add_argument("--out", required=True, help="folder for the PNG and CSV files")
     p.add_argument("--study", help="Optuna study name: adds its figures")
     p.add_argument("--storage", help="the study's storage URL (default sqlite:///<runs-dir>/<study>/study.db)")
@@ -556,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     written: list[Path] = []
     try:
         if args.runs or not args.study:
-            written += write_run_report(load_runs(run_paths(args.runs, args.runs_dir)), out, args.videos)
+            paths = args.runs or run_paths(None, args.runs_dir)  # named runs win over $ABAW_RUNS here
+            written += write_run_report(load_runs(paths), out, args.videos)
         if args.study:
             storage = args.storage or default_storage(args.study, args.runs_dir)
             written += write_study_report(load_study(storage, args.study), out)

@@ -167,7 +167,7 @@ def test_merge_report_is_the_submission_report_with_every_row_scored(inputs):
         assert {f"run/{arch} folds merged: {m}" for m in ("mean", "median", "ccc_centering")} <= models
         assert f"run/{arch} fold models: average score" in models
     assert "mean over 2 members of fold ccc_centering" in models
-    assert {"calibrated_mean over 2 members (of fold means)", "weighted_calibrated over 2 members (of fold means)"} <= models
+    assert {f"{name} over 2 members (of fold means)" for name in ("calibrated_mean", "weighted_calibrated")} <= models
     assert set(table["scored_on"].map(report._source)) == {"holdout validation", "test ground truth (demo)"}
 
 
