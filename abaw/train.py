@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 
 from .config import RunConfig
 from .data import Dataset, VideoRecord
-from .io import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text
+from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .metrics import ccc_loss, score
 from .models import create_model
+from .runs import write_predictions
 from .windows import WindowDataset, predict_video
 
 EpochCallback = Callable[[int, float], None]  # (epoch, validation CCC); may raise to stop (e.g. pruning)
@@ -112,19 +113,12 @@ def evaluate(model, videos: list[VideoRecord], config: RunConfig, device) -> tup
 
 def save_predictions(path: Path, preds: dict[str, np.ndarray], videos: list[VideoRecord], labelled_only: bool,
                      fold: int | None = None) -> None:
-    """CSV ``video,frame,valence,arousal[,fold]`` with 1-based frames (as in ``image_location``)."""
-    frames = []
+    """``video,frame,valence,arousal[,fold]`` rows (see :func:`abaw.runs.write_predictions`)."""
     for video in videos:
-        pred = preds[video.name]
-        keep = video.label_mask if labelled_only else np.ones(len(pred), bool)
-        index = np.flatnonzero(keep)
-        part = pd.DataFrame({"video": video.name, "frame": index + 1,
-                             "valence": pred[index, 0], "arousal": pred[index, 1]})
-        if fold is not None:
-            part["fold"] = fold
-        frames.append(part)
-    with atomic_path(path) as tmp:
-        pd.concat(frames).to_csv(tmp, index=False, float_format="%.6f")
+        if not np.isfinite(preds[video.name]).all():
+            raise TrainingDiverged(f"the model predicts non-finite values for {video.name!r}")
+    masks = {v.name: v.label_mask for v in videos} if labelled_only else None
+    write_predictions(path, {v.name: preds[v.name] for v in videos}, fold=fold, masks=masks)
 
 
 class FoldTrainer:
