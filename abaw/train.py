@@ -27,6 +27,7 @@ from .models import create_model
 from .runs import write_predictions
 from .windows import WindowDataset, predict_video
 
+DROPOUT_FIELDS = {"dropout", "tcn_dropout"}  # what --dropout / the tuned dropout sets, where present
 EpochCallback = Callable[[int, float], None]  # (epoch, validation CCC); may raise to stop (e.g. pruning)
 ProgressCallback = Callable[[dict], None]
 
@@ -70,13 +71,18 @@ def build_model(config: RunConfig, arch: str, dataset: Dataset) -> torch.nn.Modu
 
     overrides = dict(config.model.get(arch, {}))
     info = model_info(arch, size=config.size, input_dims=dataset.modalities, **overrides)
-    if config.dropout is not None and any(f.name == "dropout" for f in fields(info.config)):
-        overrides.setdefault("dropout", config.dropout)
+    if config.dropout is not None:  # the run-wide dropout sets every dropout field the config has
+        for name in DROPOUT_FIELDS & {f.name for f in fields(info.config)}:
+            overrides.setdefault(name, config.dropout)
     missing = [m for m in info.modalities if m not in dataset.modalities]
     if missing:
         raise ValueError(f"{arch} needs modalities {list(info.modalities)} but {dataset.root}/features has "
                          f"no {missing}; available: {sorted(dataset.modalities)}")
-    return create_model(arch, size=config.size, input_dims=dataset.modalities, **overrides)
+    model = create_model(arch, size=config.size, input_dims=dataset.modalities, **overrides)
+    if getattr(model, "out_dim", 2) != 2:
+        raise ValueError(f"{arch} predicts {model.out_dim} output(s) (single_target); cross-validation "
+                         f"trains joint valence-arousal models")
+    return model
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -69,6 +69,13 @@ class TCNConfig:
 
     SIZES: ClassVar[dict] = {"abaw": {}, "demo": {"channels": (32, 32)}}
 
+    @staticmethod
+    def search_space(trial, size: str = "abaw") -> dict:
+        """Optuna search space over the TCN's sizes (training params are shared)."""
+        width = trial.suggest_categorical("tcn_width", [64, 128, 256] if size == "abaw" else [16, 32, 64])
+        return {"channels": (width,) * trial.suggest_int("tcn_blocks", 2, 4),
+                "kernel_size": trial.suggest_categorical("kernel_size", [3, 5, 7])}
+
     def __post_init__(self):
         self.channels = tuple(self.channels)
 

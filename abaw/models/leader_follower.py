@@ -64,6 +64,20 @@ class LeaderFollowerConfig:
         "demo": {"leader_channels": (32, 32), "follower_channels": (16, 16), "attn_dim": 16},
     }
 
+    @staticmethod
+    def search_space(trial, size: str = "abaw") -> dict:
+        """Optuna search space over this architecture's own sizes (training params are shared)."""
+        scale = 1 if size == "abaw" else 4  # the demo preset is about 4x narrower
+        leader = trial.suggest_categorical("leader_width", [64, 128, 256]) // scale
+        follower = trial.suggest_categorical("follower_width", [16, 32, 64]) // min(scale, 2)
+        blocks = trial.suggest_int("tcn_blocks", 2, 4)
+        return {
+            "leader_channels": (leader,) * blocks,
+            "follower_channels": (follower,) * blocks,
+            "kernel_size": trial.suggest_categorical("kernel_size", [3, 5, 7]),
+            "attn_dim": trial.suggest_categorical("attn_dim", [16, 32, 64]),
+        }
+
     def __post_init__(self):
         self.followers = tuple(self.followers)
         self.leader_channels = tuple(self.leader_channels)

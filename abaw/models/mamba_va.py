@@ -59,6 +59,19 @@ class MambaVAConfig:
         "demo": {"tcn_channels": (64, 64), "kernel_size": 5, "n_layers": 2, "head_hidden": 32},
     }
 
+    @staticmethod
+    def search_space(trial, size: str = "abaw") -> dict:
+        """Optuna search space over this architecture's own sizes (training params are shared)."""
+        widths = {"abaw": {"published": (1024, 768, 512, 256), "narrow": (512, 384, 256, 256),
+                           "wide_out": (1024, 768, 512, 384)},
+                  "demo": {"w32": (64, 32), "w64": (64, 64), "w96": (96, 96)}}[size]
+        return {
+            "tcn_channels": widths[trial.suggest_categorical("tcn_widths", sorted(widths))],
+            "kernel_size": trial.suggest_categorical("kernel_size", [5, 9, 15] if size == "abaw" else [3, 5, 9]),
+            "d_state": trial.suggest_categorical("d_state", [4, 8, 16]),
+            "n_layers": trial.suggest_int("n_layers", 2, 6) if size == "abaw" else trial.suggest_int("n_layers", 1, 3),
+        }
+
     def __post_init__(self):
         self.tcn_channels = tuple(self.tcn_channels)
 
