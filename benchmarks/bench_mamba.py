@@ -7,8 +7,9 @@ float32, CPU, ``torch.set_num_threads(2)``.  One measurement = forward + ``sum()
 Every (implementation, L) measurement runs in a fresh subprocess, so that peak memory can be
 read robustly as ``ru_maxrss`` (peak RSS of the process) minus the RSS high-water mark just
 before the first forward (model, input and imports already resident).  Time is the median
-of ``--repeats`` timed iterations after one untimed warm-up iteration (long runs: see
-``--max-seconds``).
+of ``--repeats`` timed iterations after one untimed warm-up iteration (fewer when they
+would exceed ``--max-seconds``).  The machine's load average is printed: on a shared
+machine, other processes inflate wall-clock times (median and min are both shown).
 
 mambapy needs ~24 GB at L=4800 (about all of a 24 GB machine), so it is skipped there unless
 ``--full`` is given; even then the worker limits its own address space to what the machine has
@@ -121,15 +122,19 @@ def worker(impl: str, seqlen: int, repeats: int, max_seconds: float) -> dict:
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    times = [step()]  # warm-up (also counts for peak memory)
-    if times[0] * 2 <= max_seconds:  # skip the warm-up-only policy for short runs
-        times = []
-        for _ in range(repeats):
-            times.append(step())
-            if sum(times) > max_seconds:
-                break
+    warmup = step()  # untimed warm-up (its memory does count for the peak)
+    times = []
+    # Timed runs: `repeats` of them, stopping early once `max_seconds` are spent, but at
+    # least one unless the warm-up alone took longer than max_seconds (then report it).
+    while len(times) < repeats and (warmup + sum(times) <= max_seconds or not times):
+        if warmup > max_seconds:
+            break
+        times.append(step())
+    if not times:
+        times = [warmup]
     return {
-        "impl": impl, "L": seqlen, "time_s": statistics.median(times), "runs": len(times),
+        "impl": impl, "L": seqlen, "time_s": statistics.median(times), "min_s": min(times),
+        "runs": len(times),
         "peak_mb": _rss_peak_mb() - base, "params": n_params,
     }
 
@@ -154,8 +159,18 @@ def run_one(impl: str, seqlen: int, args) -> dict:
     return {"impl": impl, "L": seqlen, "error": reason}
 
 
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def fmt_time(r):
-    return f"{r['time_s']:8.3f} s" if r and "time_s" in r else f"{(r or {}).get('error', 'skipped'):>10}"
+    if r and "time_s" in r:
+        return f"{r['time_s']:8.3f} s"
+    return f"{(r or {}).get('error', 'not run'):>10}"
 
 
 def fmt_mem(r):
@@ -166,7 +181,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[300, 1200, 4800])
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    p.add_argument("--repeats", type=int, default=3, help="timed iterations (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed iterations (median)")
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="stop repeating once this much time is spent (per measurement)")
     p.add_argument("--full", action="store_true",
@@ -181,17 +196,21 @@ def main(argv=None) -> int:
 
     print(f"Mamba fwd+bwd, {N_LAYERS} layers, d_model={D_MODEL}, d_state={D_STATE}, "
           f"expand={EXPAND}, batch={BATCH}, float32, CPU, 2 threads")
+    print(f"load average at start: {_loadavg()} (other processes skew wall-clock times)")
     results = {}
     for seqlen in args.lengths:
         for impl in args.impls:
             if impl == "mambapy" and seqlen >= MAMBAPY_SKIP_LEN and not args.full:
                 results[impl, seqlen] = {"error": "skipped"}
+                print(f"  {impl:8s} L={seqlen:5d}: skipped (needs ~24 GB RAM; use --full)")
                 continue
             r = run_one(impl, seqlen, args)
             results[impl, seqlen] = r
-            print(f"  {impl:8s} L={seqlen:5d}: {fmt_time(r)}  peak +{fmt_mem(r).strip()}"
-                  + (f"  ({r['runs']} runs, {r['params']:,} params)" if "runs" in r else ""),
-                  flush=True)
+            line = f"  {impl:8s} L={seqlen:5d}: median {fmt_time(r).strip()}"
+            if "runs" in r:
+                line += (f"  peak +{fmt_mem(r).strip()}  (min {r['min_s']:.3f} s of "
+                         f"{r['runs']} runs, {r['params']:,} params)")
+            print(line, flush=True)
 
     hdr = (f"{'L':>6} | {'ours time':>10} | {'ours mem':>10} | {'mambapy time':>12} | "
            f"{'mambapy mem':>11} | {'speed-up':>8} | {'mem ratio':>9}")
@@ -207,6 +226,7 @@ def main(argv=None) -> int:
               f"{fmt_mem(m):>11} | {speed} | {mem}")
     print("speed-up = mambapy time / ours; mem ratio = mambapy peak / ours "
           "(peak RSS above the pre-forward baseline)")
+    print(f"load average at end: {_loadavg()}")
     return 0
 
 

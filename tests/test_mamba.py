@@ -79,6 +79,18 @@ def test_chunked_scan_chunk_sizes(chunk, segment):
         assert_close_scaled(a, b)
 
 
+def test_chunked_scan_gradcheck_float64():
+    """Analytic backward vs finite differences (float64 is computed in float64)."""
+    inputs = [t.detach().double().requires_grad_() for t in make_scan_inputs(1, 2, 3, 7, seed=2)]
+    inputs[1] = (inputs[1].detach() * 0.3).requires_grad_()  # keep softplus' curvature moderate
+
+    def f(u, delta, A, B, C, D, z, delta_bias):
+        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                              delta_softplus=True, chunk_size=2, segment_len=4)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def test_scan_does_not_save_state_tensor():
     """The custom Function keeps neither the (B, L, D, N) states nor anything that large."""
     batch, dim, nstate, seqlen = 2, 8, 16, 96
@@ -234,6 +246,62 @@ def test_bf16_autocast_cpu():
     out.float().sum().backward()
     assert torch.isfinite(x.grad).all()
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+# CPU stand-ins with the signatures/semantics of mamba-ssm's and causal-conv1d's reference
+# functions (selective_scan_ref, mamba_inner_ref, causal_conv1d_ref), used to check how the
+# CUDA code paths call the kernels (argument order, layouts) on machines without CUDA.
+def fake_causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
+                          return_final_states=False, final_states_out=None, activation=None):
+    assert weight.dim() == 2 and x.dim() == 3  # (D, W), (B, D, L)
+    width, seqlen = weight.shape[1], x.shape[-1]
+    out = F.conv1d(x, weight[:, None, :], bias, padding=width - 1, groups=x.shape[1])
+    out = out[..., :seqlen]
+    return F.silu(out) if activation in ("silu", "swish") else out
+
+
+def fake_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=False, return_last_state=False):
+    assert not return_last_state
+    assert u.shape == delta.shape and B.shape == C.shape and B.shape[1] == A.shape[1]
+    return selective_scan_sequential(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                     delta_softplus=delta_softplus)
+
+
+def fake_mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                        out_proj_weight, out_proj_bias, A, B=None, C=None, D=None,
+                        delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                        delta_softplus=True):
+    seqlen = xz.shape[-1]
+    delta_rank = delta_proj_weight.shape[1]
+    d_state = A.shape[-1]
+    x, z = xz.chunk(2, dim=1)
+    x = fake_causal_conv1d_fn(x, conv1d_weight.squeeze(1), conv1d_bias, activation="silu")
+    x_dbl = F.linear(x.transpose(1, 2).reshape(-1, x.shape[1]), x_proj_weight)  # (BL, .)
+    delta = delta_proj_weight @ x_dbl[:, :delta_rank].t()
+    delta = delta.reshape(delta.shape[0], -1, seqlen).transpose(0, 1)
+    assert B is None and C is None  # variable B/C, as mamba_simple.Mamba passes
+    B = x_dbl[:, delta_rank:delta_rank + d_state].reshape(-1, seqlen, d_state).transpose(1, 2)
+    C = x_dbl[:, -d_state:].reshape(-1, seqlen, d_state).transpose(1, 2)
+    y = fake_selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias,
+                               delta_softplus=delta_softplus)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_code_paths_with_reference_fakes(monkeypatch, bias):
+    monkeypatch.setattr(mamba_mod, "mamba_inner_fn", fake_mamba_inner_fn)
+    monkeypatch.setattr(mamba_mod, "selective_scan_fn", fake_selective_scan_fn)
+    monkeypatch.setattr(mamba_mod, "causal_conv1d_fn", fake_causal_conv1d_fn)
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=4, expand=2, bias=bias)
+    x = torch.randn(2, 11, 16, requires_grad=True)
+    ref = m._forward_torch(x)
+    assert_close_scaled(m(x), ref, name="cpu dispatch")  # CPU input: pure-PyTorch path
+    assert_close_scaled(m._forward_fused(x), ref, name="fused path")
+    assert_close_scaled(m._forward_cuda_unfused(x), ref, name="unfused kernel path")
+    monkeypatch.setattr(mamba_mod, "causal_conv1d_fn", None)
+    assert_close_scaled(m._forward_cuda_unfused(x), ref, name="unfused, nn.Conv1d")
 
 
 def _mamba_ssm_available():

@@ -23,35 +23,45 @@ The pure-PyTorch selective scan
 -------------------------------
 Per batch ``b``, channel ``d`` and state ``n`` the recurrence is (``t`` = time)::
 
-    a_t = exp(dt_t * A)            (<= 1, because dt_t >= 0 and A < 0)
-    h_t = a_t * h_{t-1} + dt_t * B_t * u_t
-    y_t = sum_n C_t * h_t  (+ D * u_t, then * silu(z_t))
+    dt_t = softplus(delta_t + delta_bias)      (>= 0)
+    a_t  = exp(dt_t * A)                       (<= 1, because A = -exp(A_log) < 0)
+    h_t  = a_t * h_{t-1} + dt_t * B_t * u_t
+    y_t  = (sum_n C_t * h_t + D * u_t) * silu(z_t)
 
-A Python loop over ``t`` is slow (``L`` tiny kernels, and autograd through ``L`` slices is
-quadratic in ``L``), and materialising the ``(B, L, D, N)`` state tensor for autograd costs
-``4*B*L*D*N`` bytes per saved copy (1.3 GB per layer at B=8, L=4800, D=512, N=16).  We use
-a two-level blocked scan instead:
+A Python loop over ``t`` is slow (``L`` tiny kernels; autograd through ``L`` slices is
+quadratic in ``L``), and keeping the ``(B, L, D, N)`` state tensor for autograd costs
+``4*B*L*D*N`` bytes per copy (1.3 GB per layer at B=8, L=4800, D=512, N=16).  We use a
+two-level blocked scan instead:
 
-1. the sequence is cut into *chunks* of ``chunk_size`` frames; the local scan (zero initial
-   state) runs for all chunks at once, i.e. the Python loop has ``chunk_size`` steps, each
-   a vectorised op over every chunk.  The same loop forms the cumulative decay from the
-   chunk start, ``P_t = exp(sum_{s<=t} dt_s A)`` (a cumulative *product* of factors <= 1:
-   never overflows, underflows harmlessly to 0 - unlike the ``exp(-cumsum)`` factorisation,
-   which overflows float32 as soon as the summed log-decay of a chunk passes ~88, which
-   large dt easily does);
+1. the sequence is cut into *chunks* of ``chunk_size`` frames; the local scans (zero initial
+   state) of all chunks run at once, i.e. the Python loop has ``chunk_size`` steps, each a
+   vectorised op over every chunk.  The same loop forms the decay accumulated since the
+   chunk start, ``P_t = exp(sum_{s<=t} dt_s A)``: the exponential of the cumulative log-decay
+   relative to the chunk start, built as a running *product* of factors <= 1, so it can only
+   underflow (harmlessly, to 0).  The tempting fully parallel form
+   ``h_t = P_t * cumsum_s(x_s / P_s)`` needs ``1/P_s = exp(-cumsum)``, which overflows
+   float32 once a chunk's summed log-decay passes ~88 - a single frame with dt = 6 and
+   A = -16 already does that - so it is not used;
 2. a short loop over chunks carries the true state across chunk boundaries,
    ``H_c = P_end * H_{c-1} + h_end``, on ``(B, D, N)`` tensors;
 3. every frame is corrected at once: ``h_t = h_local_t + P_t * H_{c-1}``.
 
 The backward pass runs the same scheme in reverse for the adjoint state
-``lambda_t = g_t C_t + a_{t+1} lambda_{t+1}``.  Chunks are grouped into *segments*
-(``segment_len`` frames) processed one after the other; the :class:`torch.autograd.Function`
-saves only its inputs and the ``(B, D, N)`` state at each segment start, and the backward
-recomputes each segment's states (gradient checkpointing), so memory is
-``O(B*L*D + B*segment_len*D*N)``: linear in ``L`` and small.  Segments are kept small
-(~16 MB per work buffer) on purpose: work buffers stay cache-resident, and the allocator
-reuses them instead of returning them to the OS (large CPU allocations are otherwise
-mmap'ed and page-faulted afresh on every call, which costs more than the arithmetic).
+``lambda_t = dLoss/dh_t = g_t C_t + a_{t+1} lambda_{t+1}`` and forms all gradients from
+``h``, ``lambda`` and ``w_t = lambda_t a_t h_{t-1}`` (= dLoss/d(dt_t A)).  Chunks are grouped
+into *segments* of ``segment_len`` frames processed one after the other; the
+:class:`torch.autograd.Function` saves only its inputs and the ``(B, D, N)`` state at each
+segment start, and the backward recomputes each segment's states (per-segment gradient
+checkpointing).  Memory is therefore ``O(B*L*(D + N) + (L/segment_len)*B*D*N)`` plus a
+fixed workspace: linear in ``L`` and far below the state tensor.  Softplus, ``D`` and the
+``silu(z)`` gate are fused into the same Function, as in mamba-ssm's ``selective_scan_fn``,
+so no ``(B, L, D)`` intermediates are saved for them either.
+
+By default segments are small (work buffers of ~3 MB, e.g. 12 frames at B=8, D=512, N=16)
+and chunks ~ sqrt(segment): the buffers stay cache-resident, and one cached workspace is
+reused across calls, because fresh multi-MB CPU allocations are page-faulted on first
+touch, which costs more than the arithmetic on them.  ``Mamba.chunk_size`` /
+``Mamba.segment_len`` (or the arguments of :func:`selective_scan`) override the defaults.
 
 Deliberate deviations from mamba-ssm
 ------------------------------------
@@ -62,9 +72,15 @@ Deliberate deviations from mamba-ssm
   ``(B, G, N, L)`` or input-independent ``(D, N)`` ``B``/``C``, and not
   ``return_last_state``.
 * The pure-PyTorch path projects with ``in_proj(hidden_states)`` in ``(B, L, D)`` layout
-  instead of mamba-ssm's ``weight @ x`` in ``(D, B*L)`` layout (identical math; avoids
-  transposes on CPU).  The scan always runs in float32 (as the CUDA kernel accumulates in
+  instead of mamba-ssm's ``weight @ x`` in ``(D, B*L)`` layout (identical math, fewer
+  transposes on CPU).  The scan always runs in float32 (the CUDA kernel also accumulates in
   float32), also under bf16/fp16 autocast; its output is cast back to the input dtype.
+  (float64 inputs are computed in float64, which makes ``gradcheck`` possible.)
+* Within a chunk the scan is a short loop (``chunk_size`` steps, each vectorised over all
+  chunks of a segment) rather than a closed-form parallel prefix, for the numerical reason
+  given above; no Python loop ever runs once per frame.
+* ``chunk_size`` / ``segment_len`` are plain attributes, not parameters or buffers, so they
+  do not appear in the ``state_dict``.
 """
 from __future__ import annotations
 
@@ -89,16 +105,18 @@ except (ImportError, OSError):
 
 __all__ = ["Mamba", "selective_scan", "selective_scan_sequential"]
 
-# Work-buffer size (elements) that sets the default segment length: (B, S, D, N) buffers of
-# ~3 MB stay in cache.  Measured on a 2-core EPYC: for B*D*N = 65536 (B=8, D=512, N=16) the
-# optimum is S ~ 12 (S = 64 is 1.3x slower, S = 128 1.7x); for B*D*N = 4096, S ~ 128-192.
+# Work-buffer size (elements) that sets the default segment length S: (B, S, D, N) buffers
+# of ~3 MB stay in cache.  Measured on a 2-core EPYC (fwd+bwd of the scan): B*D*N = 65536
+# (B=8, D=512, N=16): S = 9..16 equally fast, S = 64 1.3x and S = 128 1.7x slower;
+# B*D*N = 16384: S = 32..49 equal; B*D*N = 4096: S = 64..196 equal.
 TARGET_BUFFER_ELEMS = 3 * 2**18
 
 
 def _default_sizes(bsz: int, dim: int, nst: int, seqlen: int):
     """(chunk_size, segment_len): segment ~TARGET_BUFFER_ELEMS, chunk ~ sqrt(segment), so the
     in-chunk loop and the across-chunk loop are about equally short."""
-    segment = max(1, min(seqlen, TARGET_BUFFER_ELEMS // (bsz * dim * nst)))
+    # >= 8 frames so that even a huge batch never degenerates into a per-frame loop
+    segment = max(1, min(seqlen, max(8, TARGET_BUFFER_ELEMS // (bsz * dim * nst))))
     chunk = max(1, round(math.sqrt(segment)))
     return chunk, -(-segment // chunk) * chunk
 
@@ -111,18 +129,20 @@ _WORKSPACE_CACHE_MAX_BYTES = 64 * 2**20
 
 
 def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
-    """A flat float32 scratch tensor of >= numel elements, reused across calls on CPU.
+    """A flat scratch tensor (like's dtype/device) of >= numel elements, reused across calls
+    on CPU.
 
     Why: a fresh multi-MB CPU allocation is mmap'ed by the allocator and page-faulted on
     first touch, which here costs ~2 us per 4 kB page, several times the arithmetic done on
     it.  The cache is per thread (so concurrent calls never share it) and bounded; on CUDA
     the caching allocator already does this job.
     """
-    if like.device.type != "cpu" or numel * 4 > _WORKSPACE_CACHE_MAX_BYTES:
+    if like.device.type != "cpu" or numel * like.element_size() > _WORKSPACE_CACHE_MAX_BYTES:
         return like.new_empty(numel)
-    buf = getattr(_TLS, "buf", None)
+    cache = _TLS.__dict__.setdefault("bufs", {})
+    buf = cache.get(like.dtype)
     if buf is None or buf.numel() < numel:
-        buf = _TLS.buf = like.new_empty(numel)
+        buf = cache[like.dtype] = like.new_empty(numel)
     return buf[:numel]
 
 
@@ -278,9 +298,10 @@ class _ChunkedScanFn(torch.autograd.Function):
         h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t                (B, D, N) per step
         out = (sum_n C_t h_t + D u_t) * silu(z_t)               (B, L, D)
 
-    Inputs float32 contiguous: u, delta, z (B, L, D); A (D, N); Bm, Cm (B, L, N);
-    D, delta_bias (D,).  D, z, delta_bias may be None.  Saves only its inputs and the
-    (B, D, N) state at the start of each piece; the backward recomputes the rest.
+    Inputs (all float32 or all float64, unit stride in the last dim): u, delta, z (B, L, D);
+    A (D, N); Bm, Cm (B, L, N); D, delta_bias (D,).  D, z, delta_bias may be None.  Saves
+    only its inputs and the (B, D, N) state at the start of each piece; the backward
+    recomputes the rest.
     """
 
     @staticmethod
@@ -316,7 +337,7 @@ class _ChunkedScanFn(torch.autograd.Function):
         u, delta, A, Bm, Cm, D, z, delta_bias, h_starts = ctx.saved_tensors
         softplus, chunk, segment = ctx.delta_softplus, ctx.chunk, ctx.segment
         with torch.autocast(u.device.type, enabled=False):
-            gout = gout.float().contiguous()
+            gout = gout.to(u.dtype).contiguous()
             bsz, seqlen, dim = u.shape
             nst = A.shape[1]
             grad_u = torch.empty_like(u)
@@ -387,18 +408,27 @@ def _selective_scan_bld(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """Pure-PyTorch selective scan in (B, L, .) layout.
 
     u, delta, z: (B, L, D); A: (D, N); B, C: (B, L, N); D, delta_bias: (D,).
-    Returns (B, L, D) in u's dtype.  Computes in float32 (also under autocast).
+    Returns (B, L, D) in u's dtype.  Computes in float32 (also under autocast), or in
+    float64 for float64 inputs.
     """
     auto_chunk, auto_segment = _default_sizes(u.shape[0], u.shape[2], A.shape[1], u.shape[1])
     chunk = chunk_size or auto_chunk
     segment = segment_len or max(auto_segment, chunk)
     segment = max(chunk, segment // chunk * chunk)  # a whole number of chunks
 
-    def f32(t):
-        return None if t is None else t.float().contiguous()
+    # float32 compute (also for bf16/fp16 inputs, as the CUDA kernel); float64 kept as is
+    compute_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+
+    def cast(t):
+        # Per-piece slices only need unit stride along the last dim; e.g. z, a view into
+        # in_proj's output, is used in place (no (B, L, D) copy, nothing extra kept alive).
+        if t is None:
+            return None
+        t = t.to(compute_dtype)
+        return t if t.stride(-1) == 1 else t.contiguous()
 
     out = _ChunkedScanFn.apply(
-        f32(u), f32(delta), f32(A), f32(B), f32(C), f32(D), f32(z), f32(delta_bias),
+        cast(u), cast(delta), cast(A), cast(B), cast(C), cast(D), cast(z), cast(delta_bias),
         bool(delta_softplus), chunk, segment,
     )
     return out.to(u.dtype)
@@ -427,9 +457,10 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
     Same arguments and layout as :func:`selective_scan` / mamba-ssm's ``selective_scan_ref``.
     """
     dtype_in = u.dtype
-    u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
+    dt = torch.float64 if dtype_in == torch.float64 else torch.float32
+    u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
+        delta = delta + delta_bias.to(dt)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
     bsz, dim, seqlen = u.shape
@@ -442,9 +473,9 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
         ys.append((h * C[:, None, :, t]).sum(-1))  # (B, D)
     y = torch.stack(ys, dim=-1)  # (B, D, L)
     if D is not None:
-        y = y + u * D.float()[:, None]
+        y = y + u * D.to(dt)[:, None]
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(dt))
     return y.to(dtype_in)
 
 
@@ -452,6 +483,13 @@ class Mamba(nn.Module):
     """Mamba-1 block, parameter-compatible with ``mamba_ssm.modules.mamba_simple.Mamba``.
 
     ``forward(hidden_states)``: (B, L, d_model) -> (B, L, d_model); causal in L.
+
+    ``load_state_dict`` compatibility: the parameters (names, shapes, dtypes: ``A_log`` and
+    ``D`` are float32 whatever ``dtype`` is) are exactly those of mamba-ssm's ``Mamba``, and
+    there are no extra parameters or buffers, so ``Mamba(...).load_state_dict(sd,
+    strict=True)`` accepts a state_dict saved from ``mamba_ssm.Mamba`` built with the same
+    arguments (and ours loads into theirs).  ``use_fast_path`` / ``layer_idx`` and our
+    ``chunk_size`` / ``segment_len`` tuning attributes are not saved.
     """
 
     def __init__(
