@@ -101,11 +101,15 @@ def run_cell(args, arch: str, length: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", arch, str(length),
            "--size", args.size, "--batch", str(args.batch), "--repeats", str(args.repeats),
            "--budget-s", str(args.budget_s), "--max-gb", str(args.max_gb)]
+    load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"skipped": f"failed (rc {proc.returncode}): {tail[:60]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    cell = json.loads(proc.stdout.strip().splitlines()[-1])
+    # 1-minute load average around the cell: above ~2 on a 2-core machine, others shared the CPUs
+    cell["load"] = (load_before, os.getloadavg()[0])
+    return cell
 
 
 def fmt(cell: dict) -> str:
@@ -164,6 +168,10 @@ def main() -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
+    loads = [x for a in archs for c in results[a].values() for x in c.get("load", ())]
+    if loads:
+        print(f"1-min load average during the cells: {min(loads):.1f} to {max(loads):.1f} "
+              f"({os.cpu_count()} CPUs; above that, other processes shared them and times are inflated)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)

@@ -129,8 +129,8 @@ def test_a_killed_workers_trial_is_failed_and_retried(small_root, tmp_path):
     while time.time() < deadline:
         try:
             trials = optuna.load_study(study_name="hb", storage=storage).trials
-            if trials and trials[0].state == TrialState.RUNNING:
-                break
+            if trials and trials[0].state == TrialState.RUNNING and trials[0].user_attrs.get("config"):
+                break  # mid-trial: its parameters are drawn and training has started
         except KeyError:
             pass
         time.sleep(0.2)
@@ -145,3 +145,22 @@ def test_a_killed_workers_trial_is_failed_and_retried(small_root, tmp_path):
     assert killed.state == TrialState.FAIL
     retried = [t for t in study.trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
     assert retried and retried[0].state == TrialState.COMPLETE and retried[0].params == killed.params
+
+
+@pytest.mark.parametrize("arch", __import__("abaw.models", fromlist=["list_models"]).list_models())
+def test_every_architectures_search_space_builds_working_models(arch):
+    import torch
+
+    from abaw.models import create_model
+
+    dims = {"visual": 24, "audio": 8, "text": 6}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(6):
+        trial = study.ask()
+        params = tune.suggest_architecture(trial, arch, "demo")
+        model = create_model(arch, size="demo", input_dims=dims, **params)
+        out = model({m: torch.randn(2, 40, d) for m, d in dims.items()}, torch.ones(2, 40, dtype=torch.bool))
+        assert out.shape == (2, 40, 2) and torch.isfinite(out).all()
+        seen.add(repr(sorted(params.items())))
+    assert arch == "linear" or len(seen) > 1  # the space really varies the architecture's own sizes

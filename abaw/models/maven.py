@@ -70,8 +70,19 @@ class MavenConfig:
 
     SIZES: ClassVar[dict] = {
         "abaw": {},
-        "demo": {"d_model": 32, "n_heads": 2, "encoder_ff": 64, "head_dims": (32, 16)},
+        "demo": {"d_model": 64, "n_heads": 2, "encoder_ff": 128, "head_dims": (64, 32)},
     }
+
+    @staticmethod
+    def search_space(trial, size: str = "abaw") -> dict:
+        """Optuna search space over this architecture's own sizes (training params are shared)."""
+        d_model = trial.suggest_categorical("d_model", [256, 512] if size == "abaw" else [32, 64])
+        return {
+            "d_model": d_model,
+            "n_heads": trial.suggest_categorical("n_heads", [1, 2, 4]),
+            "encoder_layers": trial.suggest_int("encoder_layers", 0, 2),
+            "encoder_ff": 2 * d_model,
+        }
 
     def __post_init__(self):
         self.names = tuple(self.names)

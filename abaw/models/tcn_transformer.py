@@ -11,7 +11,7 @@ Masked Autoencoders, Temporal Convolutional Networks, and Transformers", arXiv:2
     Transformer x8   (B, T, 512)          4 heads, feed-forward 512, post-norm, padded keys masked
     Linear           (B, T, 256)
     BatchNorm        (B, T, 256)          statistics over real frames only (see below)
-    Linear           (B, T, 2)            valence, arousal
+    Linear           (B, T, 2)            valence, arousal (no activation after the BN, as published)
 
 Not causal: self-attention sees the whole window.
 Parameters at the published config: 20,511,371 (TCN 7,689,097; Conv1d + transformer 12,689,920;
@@ -44,7 +44,7 @@ class TCNTransformerConfig:
     input_dim: int = 768                       # MAE ViT-B CLS feature
     tcn_channels: tuple[int, ...] = (768, 256, 128)  # 3 blocks, dilations 1, 2, 4
     kernel_size: int = 5
-    tcn_dropout: float = 0.1
+    tcn_dropout: float = 0.1                   # not stated in the reference
     activation: str = "prelu"                  # 3 PReLU per block: the +9 in 7,689,097
     d_model: int = 512                         # width after the 1x1 conv
     n_layers: int = 8
@@ -59,6 +59,23 @@ class TCNTransformerConfig:
         "demo": {"tcn_channels": (64, 32), "d_model": 64, "n_layers": 1, "n_heads": 2,
                  "ff_dim": 64, "head_dim": 32},
     }
+
+    @staticmethod
+    def search_space(trial, size: str = "abaw") -> dict:
+        """Optuna search space over this architecture's own sizes (training params are shared)."""
+        abaw = size == "abaw"
+        widths = {"published": (768, 256, 128), "narrow": (512, 256, 128), "shallow": (256, 128)} if abaw else \
+                 {"w32": (64, 32), "w64": (64, 64), "shallow": (32,)}
+        d_model = trial.suggest_categorical("d_model", [256, 512] if abaw else [32, 64])
+        return {
+            "tcn_channels": widths[trial.suggest_categorical("tcn_widths", sorted(widths))],
+            "kernel_size": trial.suggest_categorical("kernel_size", [3, 5, 7]),
+            "d_model": d_model,
+            "ff_dim": d_model,  # published: feed-forward as wide as the model
+            "n_layers": trial.suggest_int("n_layers", 2, 8) if abaw else trial.suggest_int("n_layers", 1, 2),
+            "n_heads": trial.suggest_categorical("n_heads", [2, 4, 8]),
+            "pos_encoding": trial.suggest_categorical("pos_encoding", [False, True]),
+        }
 
     def __post_init__(self):
         self.tcn_channels = tuple(self.tcn_channels)
