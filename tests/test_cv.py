@@ -122,3 +122,15 @@ def test_unknown_architecture_is_refused_before_training(small_root, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown architecture" in result.stdout and "mamba_va" in result.stdout
     assert not (tmp_path / "r").exists()
+
+
+def test_parallel_folds_in_worker_processes_match_one_process(small_root, tmp_path):
+    dataset = open_dataset(small_root)
+    runs = {}
+    for jobs in (1, 2):
+        config = RunConfig(arch=["linear"], folds=3, epochs=1, window=200, hop=200, jobs=jobs,
+                           out=str(tmp_path / f"jobs{jobs}"))
+        assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
+        runs[jobs] = pd.read_csv(tmp_path / f"jobs{jobs}" / "summary.csv")
+    assert list(runs[2].status) == ["completed"] * 4
+    np.testing.assert_allclose(runs[1].ccc, runs[2].ccc, atol=1e-4)  # thread counts differ, the math doesn't
