@@ -84,6 +84,6 @@ def run_cv_main(argv: list[str] | None = None) -> int:
         if args.tune:
             return _tune(args, config, dataset)
         return run_cv(config, dataset)
-    except (RunConflict, FoldError, ValueError) as exc:
+    except (RunConflict, FoldError, ValueError, OSError) as exc:
         print(f"error: {exc}")
         return 2

@@ -40,6 +40,22 @@ class RunConfig:
     out: str = "runs/demo"
     full_sequence_predict: bool = False  # predict whole videos in one pass instead of windows
 
+    def __post_init__(self):
+        problems = []
+        for name in ("epochs", "patience", "window", "hop", "batch_size", "jobs"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.hop > self.window:
+            problems.append(f"hop ({self.hop}) larger than window ({self.window}) would leave frames unseen")
+        if self.folds < 2 or (self.fold_mode == "val_fold" and self.folds < 3):
+            problems.append(f"folds must be at least 2 (3 with fold_mode val_fold), got {self.folds}")
+        if self.fold_mode not in ("grouped", "val_fold", "holdout_val"):
+            problems.append(f"fold_mode must be grouped, val_fold or holdout_val, got {self.fold_mode!r}")
+        if self.size not in ("demo", "abaw"):
+            problems.append(f"size must be demo or abaw, got {self.size!r}")
+        if problems:
+            raise ValueError("invalid run config: " + "; ".join(problems))
+
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
@@ -73,6 +89,8 @@ def resolve(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the YAML file, then every flag the user actually gave."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
+        if not Path(args.config).is_file():
+            raise ValueError(f"config file {args.config} not found")
         values.update(load_yaml(args.config))
     for name in RunConfig.field_names():
         given = getattr(args, name, None)

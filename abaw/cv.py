@@ -46,8 +46,10 @@ class RunConflict(RuntimeError):
     pass
 
 
-def prepare_run_dir(config: RunConfig) -> Path:
-    """Create the run folder, or resume one made with the same settings; never clobber another run."""
+def prepare_run_dir(config: RunConfig) -> RunConfig:
+    """Create the run folder, or resume one made with the same settings; never clobber another run.
+
+    Returns the run's config: ``config`` with the architectures already in the run added."""
     out = Path(config.out)
     path = out / "config.yaml"
     new = asdict(config)
@@ -59,8 +61,9 @@ def prepare_run_dir(config: RunConfig) -> Path:
             raise RunConflict(f"{out} holds a run made with other settings ({diff}). Use another --out, "
                               f"or delete {out} to start over.")
         new["arch"] = list(dict.fromkeys(list(old.get("arch", [])) + list(config.arch)))
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(new, sort_keys=False))
-    return out
+    return RunConfig(**new)
 
 
 def fold_ids(folds: pd.DataFrame) -> list[int]:
@@ -219,7 +222,8 @@ def check_archs(archs: list[str]) -> None:
 def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds") -> int:
     """Train every pending (arch, fold) of the run; returns 0 when every fold completed."""
     check_archs(config.arch)
-    out = prepare_run_dir(config)
+    run_config = prepare_run_dir(config)
+    out = Path(config.out)
     folds, folds_file = load_or_make_folds(dataset, config.folds, config.fold_mode, config.seed, folds_dir)
     atomic_write_text(out / "folds.csv", folds.to_csv(index=False))
     ids = fold_ids(folds)
@@ -230,7 +234,7 @@ def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds")
     if tasks:
         train_folds(config, dataset, folds, out, tasks)
         console.print()
-    summary = summarise(config, dataset, out, ids)
+    summary = summarise(run_config, dataset, out, ids)
     console.print(table(summary.to_dict("records"), title=f"Summary ({out / 'summary.csv'})"))
     failed = summary[summary["status"] != "completed"]
     for row in failed.itertuples():

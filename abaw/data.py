@@ -133,6 +133,7 @@ class SampleFile:
     image_locations: list[str]
     videos: np.ndarray  # (N,) str
     frames: np.ndarray  # (N,) int, 1-based frame numbers as in `%05d.jpg`
+    lines: np.ndarray | None = None  # (N,) the line of each row in the file
 
     def frames_per_video(self) -> dict[str, int]:
         """Last listed frame number of each video."""
@@ -150,21 +151,26 @@ def parse_sample_file(path: Path) -> tuple[SampleFile, list[Problem]]:
     header = [c.strip().lower() for c in lines[0].split(",")]
     if header[:1] != ["image_location"]:
         problems.append(Problem(path, f"header must start with 'image_location', got {lines[0]!r}", line=1))
-    locations, videos, frames, seen = [], [], [], set()
+    locations, videos, frames, lines_of, seen = [], [], [], [], set()
     for lineno, line in enumerate(lines[1:], start=2):
         location = line.split(",")[0].strip()
         match = _IMAGE_RE.match(location)
         if not match:
             problems.append(Problem(path, f"expected 'video/00001.jpg', got {location!r}", line=lineno))
             continue
+        if int(match["frame"]) < 1:
+            problems.append(Problem(path, f"frame numbers start at 1 (00001.jpg), got {location!r}", line=lineno))
+            continue
         if location in seen:
             problems.append(Problem(path, f"duplicate frame {location!r}", line=lineno))
             continue
         seen.add(location)
         locations.append(location)
+        lines_of.append(lineno)
         videos.append(match["video"])
         frames.append(int(match["frame"]))
-    sample = SampleFile(path, locations, np.array(videos, dtype=str), np.array(frames, dtype=np.int64))
+    sample = SampleFile(path, locations, np.array(videos, dtype=str), np.array(frames, dtype=np.int64),
+                        np.array(lines_of, dtype=np.int64))
     return sample, problems
 
 
@@ -342,7 +348,7 @@ def load_dataset(
                 test_names = list(dict.fromkeys(sample.videos.tolist()))
     sample_frames = sample.frames_per_video() if sample else {}
     listed = set(test_names)
-    for lineno, video in enumerate(sample.videos.tolist() if sample else [], start=2):
+    for lineno, video in zip(sample.lines.tolist(), sample.videos.tolist()) if sample else []:
         if video not in listed:
             problems.append(Problem(sample.path, f"video {video!r} is not in the test video list", line=lineno))
             listed.add(video)  # one report per video is enough

@@ -36,6 +36,9 @@ def ccc(pred: Any, target: Any, mask: Any = None) -> Any:
         weight = mask.astype(pred.dtype) if isinstance(pred, np.ndarray) else mask.to(pred.dtype)
         if pred.ndim == 2:
             weight = weight[:, None]
+        # A masked frame must not matter even if it holds NaN (NaN * 0 is NaN).
+        where = np.where if isinstance(pred, np.ndarray) else _torch_where
+        pred, target = where(weight > 0, pred, 0), where(weight > 0, target, 0)
     else:
         weight = pred * 0 + 1
     n = weight.sum(0).clip(min=1)  # an all-masked column yields CCC 0, not NaN
@@ -48,6 +51,12 @@ def ccc(pred: Any, target: Any, mask: Any = None) -> Any:
     var_t = (dt * dt).sum(0) / n
     cov = (dp * dt).sum(0) / n
     return 2 * cov / (var_p + var_t + (mean_p - mean_t) ** 2 + EPS)
+
+
+def _torch_where(condition, x, fill):
+    import torch
+
+    return torch.where(condition, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def ccc_loss(pred: Any, target: Any, mask: Any = None) -> Any:

@@ -8,7 +8,7 @@ frame i, for frames 1..n (n = the video's frame count, see README "Frame-count r
 Missing-frame rule: every listed frame gets a value. A frame without a (finite) prediction, e.g.
 beyond the end of the predictions or of the feature file, takes the prediction of the **nearest
 predicted frame of the same video** (the earlier one on a tie). A frame without a face has a
-prediction already: the models predict every frame, with the face features masked. A test
+prediction already: the models predict every frame (a frame without a face has zero-filled features and the model relies on its temporal context). A test
 video without any prediction is an error, never filled. The manifest counts the carried frames.
 
 Output folder ``submissions/<name>/``: the prediction file(s), ``<name>.zip`` ready to upload,

@@ -55,7 +55,7 @@ def resolve_device(requested: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {requested} asked for CUDA, but torch sees no GPU")
+        raise ValueError(f"--device {requested} asked for CUDA, but torch sees no GPU (use --device cpu or auto)")
     return device
 
 
@@ -165,6 +165,7 @@ class FoldTrainer:
         try:
             result = self._train()
         except TrainingDiverged as exc:
+            (self.out / "last.pt").unlink(missing_ok=True)  # resuming would only diverge again
             result = FoldResult(self.arch, self.fold, "failed", error=str(exc))
             atomic_write_json(self.out / "failed.json", asdict(result))
             self._emit(kind="failed", error=str(exc))
@@ -213,8 +214,8 @@ class FoldTrainer:
                 loss = ccc_loss(out.float(), batch["labels"].to(self.device), mask & batch["label_mask"].to(self.device))
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"{self.arch} fold {self.fold}: loss is {loss.item()} at epoch "
-                                           f"{epoch + 1}, step {step + 1} (lower --lr, or check the features "
-                                           f"for inf values)")
+                                           f"{epoch + 1}, step {step + 1} (rerun into another --out with a lower "
+                                           f"--lr, or check the features for inf values)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -224,6 +225,9 @@ class FoldTrainer:
                 self._emit(kind="step", epoch=epoch, step=step + 1, steps=steps_per_epoch)
 
             val, _ = evaluate(model, self.val_videos, cfg, self.device)
+            if not math.isfinite(val["mean"]):
+                raise TrainingDiverged(f"{self.arch} fold {self.fold}: validation CCC is {val['mean']} after "
+                                       f"epoch {epoch + 1} (non-finite predictions)")
             state["epoch"] = epoch + 1
             state["history"].append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
                                      "val_ccc_v": val["valence"], "val_ccc_a": val["arousal"],

@@ -22,6 +22,8 @@ def window_starts(n_frames: int, window: int = DEFAULT_WINDOW, hop: int = DEFAUL
     """Start frames of windows covering [0, n_frames); the last one ends exactly at n_frames."""
     if window <= 0 or hop <= 0:
         raise ValueError(f"window ({window}) and hop ({hop}) must be positive")
+    if hop > window:
+        raise ValueError(f"hop ({hop}) larger than window ({window}) would leave frames uncovered")
     if n_frames <= window:
         return [0]
     starts = list(range(0, n_frames - window + 1, hop))

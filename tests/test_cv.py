@@ -1,5 +1,6 @@
 """The CV engine: resumable after a kill, a diverging fold fails alone, configs resolve strictly."""
 import hashlib
+import re
 import os
 import signal
 import subprocess
@@ -134,3 +135,58 @@ def test_parallel_folds_in_worker_processes_match_one_process(small_root, tmp_pa
         runs[jobs] = pd.read_csv(tmp_path / f"jobs{jobs}" / "summary.csv")
     assert list(runs[2].status) == ["completed"] * 4
     np.testing.assert_allclose(runs[1].ccc, runs[2].ccc, atol=1e-4)  # thread counts differ, the math doesn't
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(hop=400, window=300), "hop (400) larger than window (300)"),
+    (dict(patience=0), "patience must be at least 1"),
+    (dict(epochs=0), "epochs must be at least 1"),
+    (dict(folds=1), "folds must be at least 2"),
+    (dict(folds=2, fold_mode="val_fold"), "3 with fold_mode val_fold"),
+])
+def test_invalid_settings_are_refused_up_front(bad, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        RunConfig(**bad)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--config", "missing.yaml"], "config file missing.yaml not found"),
+    (["--hop", "500"], "hop (500) larger than window"),
+])
+def test_cli_reports_bad_options_without_a_traceback(small_root, tmp_path, args, words):
+    result = subprocess.run(run_args(small_root, tmp_path / "r") + args, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and words in result.stdout and "Traceback" not in result.stderr
+
+
+def test_non_finite_validation_fails_the_fold_not_the_run(small_root, tmp_path, monkeypatch):
+    import abaw.train as train
+
+    real_evaluate = train.evaluate
+
+    def nan_for_fold_0(model, videos, config, device):
+        scores, preds = real_evaluate(model, videos, config, device)
+        if scores and videos and videos[0].name in fold0:
+            scores = {k: float("nan") for k in scores}
+        return scores, preds
+
+    dataset = open_dataset(small_root)
+    config = RunConfig(arch=["linear"], folds=3, epochs=1, window=200, hop=200, out=str(tmp_path / "run"))
+    from abaw.folds import load_or_make_folds
+
+    folds, _ = load_or_make_folds(dataset, 3, "grouped", 0, tmp_path / "folds")
+    fold0 = set(folds[folds.fold == 0].video)
+    monkeypatch.setattr(train, "evaluate", nan_for_fold_0)
+    assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 1
+    assert "validation CCC is nan" in (tmp_path / "run" / "linear" / "fold0" / "failed.json").read_text()
+    assert not (tmp_path / "run" / "linear" / "fold0" / "last.pt").exists()
+    assert (tmp_path / "run" / "linear" / "fold1" / "metrics.json").exists()
+
+
+def test_adding_an_architecture_keeps_the_others_in_the_summary(small_root, tmp_path):
+    dataset = open_dataset(small_root)
+    for arch in ("linear", "tcn"):
+        config = RunConfig(arch=[arch], folds=2, epochs=1, window=200, hop=200, out=str(tmp_path / "run"))
+        assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
+    summary = pd.read_csv(tmp_path / "run" / "summary.csv")
+    assert sorted(set(summary.arch)) == ["linear", "tcn"]

@@ -65,8 +65,14 @@ def test_ccc_centering_is_the_plain_mean_plus_one_constant_per_video_and_dimensi
 def test_ccc_centering_guard_falls_back_to_the_plain_mean_when_members_disagree():
     rng = np.random.default_rng(2)
     x = rng.normal(0, 1, size=(100, 2))
-    stack = np.stack([x, -x + 0.5])  # CCC(x1, x2) < 0, so sum of a_i < 0
-    np.testing.assert_array_equal(CCCCentering().predict(stack), stack.mean(axis=0))
+    # Three members at different levels with unequal, mostly negative agreement (sum of a_i < 0):
+    # without the guard, w = sum a_i m_i / sum a_i lands somewhere else than the plain mean.
+    stack = np.stack([x, -x + 0.5, -0.3 * x - 0.8])
+    agreement = ensemble.pairwise_agreement(stack, np.ones(100, bool))
+    assert (agreement.sum(axis=0) < 0).all()
+    unguarded = (agreement * stack.mean(axis=1)).sum(axis=0) / agreement.sum(axis=0)
+    assert np.abs(unguarded - stack.mean(axis=(0, 1))).min() > 0.1
+    np.testing.assert_allclose(CCCCentering().predict(stack), stack.mean(axis=0), atol=1e-12)
 
 
 def test_ccc_centering_keeps_the_level_within_the_members_levels():

@@ -69,3 +69,15 @@ def test_score_concatenates_frames_and_ignores_minus_five(pair):
     s = score(x, y)
     assert s["valence"] == pytest.approx(reference_ccc(x[50:, 0], y[50:, 0]))
     assert s["mean"] == pytest.approx((s["valence"] + s["arousal"]) / 2)
+
+
+def test_masked_frames_may_hold_nan(pair):
+    x, y = pair
+    x = x.copy()
+    mask = np.ones(len(x), bool)
+    mask[7], x[7] = False, np.nan
+    np.testing.assert_allclose(ccc(x, y, mask), ccc(np.delete(x, 7, 0), np.delete(y, 7, 0)), rtol=1e-10)
+    xt = torch.tensor(x, requires_grad=True)
+    out = ccc(xt, torch.tensor(y), torch.tensor(mask))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(xt.grad).all()
