@@ -382,6 +382,9 @@ def parser() -> argparse.ArgumentParser:
 def run_check(file: str, sample_path: str) -> int:
     from .console import console
 
+    if not Path(sample_path).is_file():
+        console.print(f"[bold red]error:[/] sample file {sample_path} not found", markup=True)
+        return 1
     sample, problems = parse_sample_file(Path(sample_path))
     if problems:
         console.print(f"[bold red]the sample file has {len(problems)} problem(s):[/]")

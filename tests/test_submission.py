@@ -367,3 +367,10 @@ def test_no_arguments_uses_the_latest_demo_run(tiny_demo, tmp_path, monkeypatch,
     written = {p.name for p in folder.iterdir()}
     assert written == {"predictions.txt", f"{folder.name}.zip", "manifest.json", "report.csv"}
     assert os.path.getsize(folder / f"{folder.name}.zip") > 0
+
+
+def test_check_with_a_missing_sample_file_is_a_clear_error(tmp_path, capsys):
+    from abaw.submission import main
+
+    assert main(["--check", str(tmp_path / "x.txt"), "--sample", str(tmp_path / "missing.txt")]) == 1
+    assert "missing.txt not found" in capsys.readouterr().out
