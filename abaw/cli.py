@@ -21,6 +21,8 @@ def run_cv_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-mode", choices=["grouped", "val_fold", "holdout_val"])
     p.add_argument("--epochs", type=int)
     p.add_argument("--patience", type=int)
+    p.add_argument("--stop-split", type=float, help="early-stop on this share of the training subjects "
+                                                    "instead of the fold, so OOF scores are unbiased (e.g. 0.15)")
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--window", type=int, help="training window in frames (default 300)")

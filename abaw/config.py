@@ -26,6 +26,7 @@ class RunConfig:
     fold_mode: str = "grouped"  # "grouped" | "val_fold" (original validation set = one fold) | "holdout_val"
     epochs: int = 8
     patience: int = 4  # early stopping on validation CCC
+    stop_split: float = 0.0  # >0: early-stop on this share of the training subjects, not on the fold (honest OOF)
     warmup_epochs: int = 1
     lr: float = 1e-3
     weight_decay: float = 1e-3
@@ -45,6 +46,8 @@ class RunConfig:
         for name in ("epochs", "patience", "window", "hop", "batch_size", "jobs"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.stop_split < 1.0:
+            problems.append(f"stop_split must be in [0, 1), got {self.stop_split}")
         if self.hop > self.window:
             problems.append(f"hop ({self.hop}) larger than window ({self.window}) would leave frames unseen")
         if self.folds < 2 or (self.fold_mode == "val_fold" and self.folds < 3):

@@ -127,6 +127,22 @@ def save_predictions(path: Path, preds: dict[str, np.ndarray], videos: list[Vide
     write_predictions(path, {v.name: preds[v.name] for v in videos}, fold=fold, masks=masks)
 
 
+def split_by_subject(videos: list[VideoRecord], share: float, seed: int) -> tuple[list, list]:
+    """Move about ``share`` of the labelled frames, whole subjects at a time, out of ``videos``."""
+    subjects = sorted({v.subject for v in videos})
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    frames = {s: 0 for s in subjects}
+    for v in videos:
+        frames[v.subject] += int(v.label_mask.sum())
+    target, taken, held = share * sum(frames.values()), 0, set()
+    for i in order:
+        if taken >= target or len(held) == len(subjects) - 1:
+            break
+        held.add(subjects[i])
+        taken += frames[subjects[i]]
+    return [v for v in videos if v.subject not in held], [v for v in videos if v.subject in held]
+
+
 class FoldTrainer:
     """Trains ``arch`` on every train+val video outside ``fold``, validating on the fold."""
 
@@ -142,6 +158,12 @@ class FoldTrainer:
         labelled = dataset.split("train", "val")
         self.train_videos = [v for v in labelled if fold_of[v.name] not in (fold, -1)]
         self.val_videos = [v for v in labelled if fold_of[v.name] == fold]
+        # Videos that choose the best epoch: the fold itself (as published), or with stop_split a
+        # share of the training subjects, so the fold's OOF predictions chose nothing.
+        self.stop_videos = self.val_videos
+        if config.stop_split > 0:
+            self.train_videos, self.stop_videos = split_by_subject(self.train_videos, config.stop_split,
+                                                                   self.seed)
         self.holdout_videos = [v for v in labelled if fold_of[v.name] == -1]
         self.test_videos = dataset.split("test")
 
@@ -224,7 +246,7 @@ class FoldTrainer:
                 losses.append(loss.item())
                 self._emit(kind="step", epoch=epoch, step=step + 1, steps=steps_per_epoch)
 
-            val, _ = evaluate(model, self.val_videos, cfg, self.device)
+            val, _ = evaluate(model, self.stop_videos, cfg, self.device)
             if not math.isfinite(val["mean"]):
                 raise TrainingDiverged(f"{self.arch} fold {self.fold}: validation CCC is {val['mean']} after "
                                        f"epoch {epoch + 1} (non-finite predictions)")

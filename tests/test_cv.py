@@ -190,3 +190,26 @@ def test_adding_an_architecture_keeps_the_others_in_the_summary(small_root, tmp_
         assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
     summary = pd.read_csv(tmp_path / "run" / "summary.csv")
     assert sorted(set(summary.arch)) == ["linear", "tcn"]
+
+
+def test_stop_split_chooses_epochs_on_training_subjects_only(small_root, tmp_path, monkeypatch):
+    import abaw.train as train
+
+    dataset = open_dataset(small_root)
+    evaluated = []
+    real_evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda model, videos, config, device: (
+        evaluated.append({v.name for v in videos}), real_evaluate(model, videos, config, device))[1])
+    config = RunConfig(arch=["linear"], folds=3, epochs=2, window=200, hop=200, stop_split=0.2,
+                       out=str(tmp_path / "run"))
+    assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
+    folds = pd.read_csv(tmp_path / "run" / "folds.csv")
+    subject_of = dict(zip(folds.video, folds.subject))
+    fold0 = set(folds[folds.fold == 0].video)
+    trainer = train.FoldTrainer(config, "linear", 0, dataset, folds, tmp_path / "x")
+    stop = {v.name for v in trainer.stop_videos}
+    assert stop and not stop & fold0 and not stop & {v.name for v in trainer.train_videos}
+    assert not {subject_of[n] for n in stop} & {subject_of[v.name] for v in trainer.train_videos}
+    assert stop in evaluated and fold0 not in evaluated[:2]  # epochs 1-2 of fold 0 were judged on `stop`
+    assert len(pd.read_csv(tmp_path / "run" / "linear" / "oof.csv")) == sum(
+        v.label_mask.sum() for v in dataset.split("train", "val"))
