@@ -75,13 +75,19 @@ def is_complete(fold_dir: Path) -> bool:
 
 
 def _fold_job(config: RunConfig, arch: str, fold: int, dataset: Dataset, folds: pd.DataFrame, out: Path,
-              device: str, threads: int, events) -> dict:
-    """One (arch, fold) in a worker process: threads capped so parallel folds don't oversubscribe cores."""
+              device_pool, threads: int, events) -> dict:
+    """One (arch, fold) in a worker process: threads capped so parallel folds don't oversubscribe cores.
+
+    The device is borrowed from a shared pool for the fold's duration, so two folds never share a
+    GPU however joblib schedules them."""
     torch.set_num_threads(threads)
-    progress = events.put if events is not None else None
-    trainer = FoldTrainer(config, arch, fold, dataset, folds, out / arch / f"fold{fold}",
-                          device=torch.device(device), progress=progress)
-    return asdict(trainer.run())
+    device = device_pool.get()
+    try:
+        trainer = FoldTrainer(config, arch, fold, dataset, folds, out / arch / f"fold{fold}",
+                              device=torch.device(device), progress=events.put)
+        return asdict(trainer.run())
+    finally:
+        device_pool.put(device)
 
 
 class CVProgress:
@@ -154,12 +160,14 @@ def train_folds(config: RunConfig, dataset: Dataset, folds: pd.DataFrame, out: P
         from joblib import Parallel, delayed
 
         with Manager() as manager:
-            events = manager.Queue()
+            events, device_pool = manager.Queue(), manager.Queue()
+            for device in (devices if devices[0] != "cpu" else devices * jobs):
+                device_pool.put(device)
             pump = threading.Thread(target=_pump, args=(events, view), daemon=True)
             pump.start()
             results = Parallel(n_jobs=jobs, backend="loky")(
-                delayed(_fold_job)(config, a, f, dataset, folds, out, devices[i % len(devices)], threads, events)
-                for i, (a, f) in enumerate(tasks))
+                delayed(_fold_job)(config, a, f, dataset, folds, out, device_pool, threads, events)
+                for a, f in tasks)
             events.put(None)
             pump.join()
         return results
