@@ -23,7 +23,19 @@ def check_dataset(root, **kwargs) -> Dataset | None:
 def print_summary(dataset: Dataset) -> None:
     console.print(table(dataset.summary(), title=f"Dataset {dataset.root}"))
     console.print(table([{"modality": m, "dim": d} for m, d in dataset.modalities.items()], title="Modalities"))
-    console.print(f"subjects: {len(dataset.subjects)}")
-    if dataset.length_mismatches:
-        console.print(f"{len(dataset.length_mismatches)} video(s) whose feature files were aligned to the "
-                      f"frame count (trimmed, or last row carried): {', '.join(dataset.length_mismatches)}")
+    print_subjects(dataset)
+    if dataset.alignments:
+        console.print(f"{len(dataset.alignments)} feature file(s) within the tolerance of their frame count, "
+                      f"aligned to it:")
+        for alignment in dataset.alignments:
+            console.print(f"  {alignment}", markup=False)
+
+
+def print_subjects(dataset: Dataset) -> None:
+    """The subject count, the rule, and every subject made of more than one video."""
+    groups = dataset.subject_videos(min_videos=2)
+    console.print(f"subjects: {len(dataset.subjects)} ({dataset.subject_rule}); "
+                  f"{len(groups)} made of more than one video")
+    for subject, videos in groups.items():  # plain lines, not a table: long names stay whole and greppable
+        splits = "/".join(sorted({dataset.videos[v].split for v in videos}))
+        console.print(f"  {subject} ({splits}, {len(videos)} videos): {' '.join(videos)}", markup=False)

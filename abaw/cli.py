@@ -13,6 +13,8 @@ def run_cv_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="Aff-Wild2 root (default: the built-in demo dataset)")
     p.add_argument("--test-list", help="test video list file (default: found at the data root)")
     p.add_argument("--test-sample", help="test sample file (default: found at the data root)")
+    p.add_argument("--subjects", help="CSV 'video,subject' that replaces the default subject rule "
+                                      "(_left/_right and numbered parts of a recording are one subject)")
     p.add_argument("--check", action="store_true", help="validate the dataset, print its summary and exit")
     p.add_argument("--config", help="YAML file holding any of these options; flags override it")
     p.add_argument("--arch", nargs="+", help="architecture(s) to train (see abaw.models.list_models())")
@@ -27,6 +29,9 @@ def run_cv_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--window", type=int, help="training window in frames (default 300)")
     p.add_argument("--hop", type=int, help="hop between windows in frames (default 200)")
+    p.add_argument("--presence", action=argparse.BooleanOptionalAction, default=None,
+                   help="give the models a presence channel per modality, 1 where the frame has its feature "
+                        "(a face); default on")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--jobs", type=int, help="folds trained in parallel")
     p.add_argument("--seed", type=int)
@@ -74,7 +79,8 @@ def run_cv_main(argv: list[str] | None = None) -> int:
     root = _data_root(config)
     from .checks import check_dataset
 
-    dataset = check_dataset(root, test_list=config.test_list, test_sample=config.test_sample)
+    dataset = check_dataset(root, test_list=config.test_list, test_sample=config.test_sample,
+                            subjects=config.subjects)
     if dataset is None:
         return 1
     if args.check:

@@ -19,6 +19,7 @@ class RunConfig:
     data_root: str | None = None  # None: the built-in demo dataset (generated on first use)
     test_list: str | None = None  # default: found at the data root by pattern
     test_sample: str | None = None
+    subjects: str | None = None  # CSV video,subject replacing the default subject rule (abaw.subjects)
     arch: list[str] = field(default_factory=lambda: ["mamba_va"])
     size: str = "demo"  # model preset: "demo" (fast on CPU) or "abaw" (published sizes)
     model: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-arch config overrides
@@ -40,6 +41,7 @@ class RunConfig:
     seed: int = 0
     out: str = "runs/demo"
     full_sequence_predict: bool = False  # predict whole videos in one pass instead of windows
+    presence: bool = True  # one more input channel per modality: 1 where the frame has its feature (a face)
 
     def __post_init__(self):
         problems = []

@@ -32,10 +32,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import RunConfig
 from .console import console, table
 from .data import Dataset
-from .folds import HOLDOUT, load_or_make_folds
+from .folds import HOLDOUT, fold_table_changes, load_or_make_folds, read_fold_table
 from .io import atomic_path, atomic_write_text
 from .metrics import score
 from .models import list_models
+from .runs import read_prediction_table
 from .train import FoldResult, FoldTrainer, resolve_device
 
 # Options that may change between a run and its resumption without changing any result.
@@ -64,6 +65,21 @@ def prepare_run_dir(config: RunConfig) -> RunConfig:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(new, sort_keys=False))
     return RunConfig(**new)
+
+
+def keep_run_folds(path: Path, folds: pd.DataFrame) -> None:
+    """Save the run's fold table; a resumed run must use the very table it was started with.
+
+    Finished folds were trained and OOF-scored under the saved table: continuing under another one
+    (another subject rule or subject file, another data root) would mix two fold assignments."""
+    if not path.exists():
+        atomic_write_text(path, folds.to_csv(index=False))
+        return
+    changes = fold_table_changes(read_fold_table(path), folds)
+    if changes:
+        raise RunConflict(f"{path} differs from the fold table this run would use now ({'; '.join(changes)}). "
+                          f"Its finished folds were trained under the saved table: rerun with the data root and "
+                          f"--subjects it was made with, or use another --out.")
 
 
 def fold_ids(folds: pd.DataFrame) -> list[int]:
@@ -183,7 +199,7 @@ def assemble_oof(arch_dir: Path, folds: list[int]) -> pd.DataFrame | None:
     parts = [arch_dir / f"fold{k}" / "oof.csv" for k in folds]
     if not all(is_complete(p.parent) for p in parts):
         return None
-    oof = pd.concat([pd.read_csv(p) for p in parts]).sort_values(["video", "frame"])
+    oof = pd.concat([read_prediction_table(p, with_fold=True) for p in parts]).sort_values(["video", "frame"])
     with atomic_path(arch_dir / "oof.csv") as tmp:
         oof.to_csv(tmp, index=False, float_format="%.6f")
     return oof
@@ -233,7 +249,7 @@ def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds")
     run_config = prepare_run_dir(config)
     out = Path(config.out)
     folds, folds_file = load_or_make_folds(dataset, config.folds, config.fold_mode, config.seed, folds_dir)
-    atomic_write_text(out / "folds.csv", folds.to_csv(index=False))
+    keep_run_folds(out / "folds.csv", folds)
     ids = fold_ids(folds)
     tasks = [(a, k) for a in config.arch for k in ids if not is_complete(out / a / f"fold{k}")]
     done = len(config.arch) * len(ids) - len(tasks)

@@ -8,11 +8,15 @@ Layout (see README "Data layout")::
     ROOT/*test_set_sample*.txt | *test_set_example*.txt     "image_location,valence,arousal" rows to predict
     ROOT/features/<modality>/<video>.npy                    (frames, dim) float, a NaN row = no face/feature
 
-Frame-count rule: a video's frame count is its label count (train/val) or the larger of its last
-sample-file frame and its feature rows (test). A feature file is aligned to that count by
-**trimming** surplus rows and **carrying the last row forward** over missing ones; `Dataset.length_mismatches`
-reports the videos this touched. Features are memory-mapped and only the requested window is read,
-so a dataset never sits in RAM whole.
+Frame-count rule: a video has as many frames as its annotation file has rows; a test video as many
+as its last frame in the sample file (or, for a test video the sample does not list, its longest
+feature file). A feature file must have one row per frame. A file within ``FRAME_TOLERANCE`` rows
+of the frame count is aligned to it (surplus rows trimmed, the last row carried over missing ones)
+and reported as an :class:`Alignment`. A larger mismatch is a problem: it means the features were
+written at another rate, or the frames without a face were dropped instead of written as NaN rows,
+and either way every later frame would be paired with the wrong label.
+
+Features are memory-mapped and only the requested window is read, so a dataset never sits in RAM whole.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import text_lines
+from .subjects import SubjectRule, read_subject_file
+
 LABEL_DIR = "VA_Estimation_Challenge"
 SPLIT_DIRS = {"train": "Train_Set", "val": "Validation_Set"}
 LABEL_HEADER = ["valence", "arousal"]
@@ -32,7 +39,25 @@ INVALID_LABEL = -5.0
 TEST_LIST_PATTERNS = ("*test_set_release*.txt", "*VA*test*list*.txt")
 TEST_SAMPLE_PATTERNS = ("*test_set_sample*.txt", "*test_set_example*.txt", "*VA*test*sample*.txt")
 FEATURE_DTYPES = (np.float16, np.float32, np.float64)
-_IMAGE_RE = re.compile(r"^(?P<video>[^/\\]+)/(?P<frame>\d+)\.jpg$")
+CROPS_DIR = "cropped_aligned"  # the release's face crops: cropped_aligned/<video>/00001.jpg, none without a face
+# Rows a feature file may differ from the frame count by and still be aligned. Decoders disagree
+# by a frame or two at a video's end; dropped no-face rows (a median face share of 0.99 means ~1%
+# of the rows) or another frame rate give far larger gaps, so a percentage would let them through.
+FRAME_TOLERANCE = 5
+
+# The image location of a frame, "video/00001.jpg" (1-based): one home for the pattern.
+IMAGE_LOCATION_PATTERN = r"^(?P<video>[^/\\]+)/(?P<frame>\d+)\.jpg$"
+_IMAGE_RE = re.compile(IMAGE_LOCATION_PATTERN)
+
+
+def image_location(video: str, frame: int) -> str:
+    """``video/00001.jpg`` for 1-based ``frame``, as the release's crops and the sample file name it."""
+    return f"{video}/{frame:05d}.jpg"
+
+
+def valid_label_mask(labels: np.ndarray) -> np.ndarray:
+    """(..., 2) labels -> (...,) True where both values are labels, not the -5 "no label" marker."""
+    return (np.asarray(labels) != INVALID_LABEL).all(axis=-1)
 
 
 class DataError(Exception):
@@ -60,26 +85,10 @@ class Problem:
         return f"{self.path}{where}: {self.message}"
 
 
-def subject_key(video: str) -> str:
-    """Two-person videos are split as ``<video>_left``/``_right``; both belong to one subject pool."""
-    for suffix in ("_left", "_right"):
-        if video.endswith(suffix):
-            return video[: -len(suffix)]
-    return video
-
-
-def _text_lines(path: Path) -> list[str]:
-    """Lines without CRLF endings; trailing blank lines dropped (both are valid input)."""
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return lines
-
-
 def parse_label_file(path: Path) -> tuple[np.ndarray, list[Problem]]:
     """Parse one annotation file into (T, 2) float32 labels, collecting every problem with its line."""
     problems: list[Problem] = []
-    lines = _text_lines(path)
+    lines = text_lines(path)
     if not lines:
         return np.zeros((0, 2), np.float32), [Problem(path, "empty file (no header, no frames)")]
     header = [c.strip().lower() for c in lines[0].split(",")]
@@ -111,7 +120,7 @@ def parse_label_file(path: Path) -> tuple[np.ndarray, list[Problem]]:
 
 def parse_test_list(path: Path) -> tuple[list[str], list[Problem]]:
     names, problems, seen = [], [], set()
-    for lineno, line in enumerate(_text_lines(path), start=1):
+    for lineno, line in enumerate(text_lines(path), start=1):
         name = line.strip()
         if not name:
             problems.append(Problem(path, "blank line inside the test video list", line=lineno))
@@ -145,7 +154,7 @@ class SampleFile:
 
 def parse_sample_file(path: Path) -> tuple[SampleFile, list[Problem]]:
     problems: list[Problem] = []
-    lines = _text_lines(path)
+    lines = text_lines(path)
     if not lines:
         return SampleFile(path, [], np.array([], str), np.array([], int)), [Problem(path, "empty file")]
     header = [c.strip().lower() for c in lines[0].split(",")]
@@ -205,16 +214,16 @@ class VideoRecord:
     def label_mask(self) -> np.ndarray:
         if self.labels is None:
             return np.zeros(self.n_frames, bool)
-        return (self.labels != INVALID_LABEL).all(axis=1)
+        return valid_label_mask(self.labels)
 
     def _memmap(self, modality: str) -> np.ndarray:
         return np.load(self.feature_paths[modality], mmap_mode="r")
 
     def features(self, modality: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Frames [start, stop) of one modality as float32 (L, D), and the feature mask (L,).
+        """Frames [start, stop) of one modality as float32 (L, D), and the presence mask (L,).
 
-        Rows past the file's end carry its last row (the documented alignment rule); NaN rows
-        (no face / no feature) come back zero-filled with mask False.
+        Rows past the file's end carry its last row (the alignment rule, within ``FRAME_TOLERANCE``);
+        NaN rows (no face / no feature) come back zero-filled with presence False.
         """
         stop = self.n_frames if stop is None else stop
         array = self._memmap(modality)
@@ -225,6 +234,22 @@ class VideoRecord:
         return window, present
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """A feature file within ``FRAME_TOLERANCE`` rows of its video's frame count, aligned to it."""
+
+    video: str
+    modality: str
+    path: Path
+    rows: int
+    frames: int
+
+    def __str__(self) -> str:
+        how = f"{self.rows - self.frames} surplus row(s) trimmed" if self.rows > self.frames else \
+            f"last row carried over {self.frames - self.rows} missing row(s)"
+        return f"{self.path}: {self.rows} rows for {self.frames} frames; {how}"
+
+
 @dataclass
 class Dataset:
     """Index of a validated dataset root (metadata only; features stay on disk)."""
@@ -233,7 +258,8 @@ class Dataset:
     videos: dict[str, VideoRecord]
     modalities: dict[str, int]  # name -> feature dim
     sample: SampleFile | None
-    length_mismatches: list[str]  # videos whose feature files were padded or trimmed
+    alignments: list[Alignment] = field(default_factory=list)  # feature files aligned within the tolerance
+    subject_rule: str = ""  # how videos were grouped into subjects (see abaw.subjects)
 
     def split(self, *splits: str) -> list[VideoRecord]:
         return [v for v in self.videos.values() if v.split in splits]
@@ -241,6 +267,13 @@ class Dataset:
     @cached_property
     def subjects(self) -> set[str]:
         return {v.subject for v in self.videos.values()}
+
+    def subject_videos(self, min_videos: int = 2) -> dict[str, list[str]]:
+        """Subjects made of at least ``min_videos`` videos -> their videos, sorted."""
+        groups: dict[str, list[str]] = defaultdict(list)
+        for video in self.videos.values():
+            groups[video.subject].append(video.name)
+        return {s: sorted(vs) for s, vs in sorted(groups.items()) if len(vs) >= min_videos}
 
     def summary(self) -> list[dict]:
         """One row per split: videos, frames, labelled frames, subjects."""
@@ -257,14 +290,151 @@ class Dataset:
         return rows
 
 
-def _check_feature_file(path: Path, expected_dim: int | None) -> tuple[int | None, int | None, list[Problem]]:
-    """Header-only check of an .npy file: returns (rows, dim, problems) without reading the data."""
+# ---------------------------------------------------------------------------------------------
+# Feature files whose row count does not match the frames
+
+_COMMON_RATES = (15, 24, 25, 30, 50, 60, 100)  # video frame rates, and audio feature hops (100 Hz = 10 ms)
+_FPS_IN_NAME = re.compile(r"^\d+-(?P<fps>\d+)-\d+x\d+")  # "10-60-1280x720": id-fps-resolution
+
+
+def fps_from_name(video: str) -> int | None:
+    """The frame rate in a release name like ``10-60-1280x720`` (29.97 fps is written 29), if any."""
+    match = _FPS_IN_NAME.match(video)
+    return int(match["fps"]) if match else None
+
+
+def _rate_guess(rows: int, frames: int, fps: int | None) -> str | None:
+    """'100/s for a 30 fps video' when rows/frames is close to a ratio of common rates."""
+    ratio = rows / frames
+    video_rates = [30 if fps == 29 else fps] if fps else list(_COMMON_RATES[:6])
+    best = None
+    for video_rate in video_rates:
+        for rate in _COMMON_RATES:
+            error = abs(ratio * video_rate / rate - 1)
+            if rate != video_rate and error < 0.02 and (best is None or error < best[0]):
+                best = (error, rate, video_rate)
+    return None if best is None else f"{best[1]} rows/s for a {best[2]} fps video"
+
+
+def explain_mismatch(video: str, rows: int, frames: int, crops: Path | None = None) -> str:
+    """The problem message of a feature file of ``rows`` rows for ``frames`` frames: counts, ratio, likely cause."""
+    counts = f"{rows} feature rows for {frames} frames (ratio {rows / frames:.3f}; at most " \
+             f"{FRAME_TOLERANCE} rows of difference are aligned)"
+    rate = _rate_guess(rows, frames, fps_from_name(video))
+    images = len(list(crops.glob("*.jpg"))) if crops is not None and crops.is_dir() else None
+    if rows < frames and images == rows:
+        cause = (f"{crops} holds {images} face images, as many as the file has rows: the frames without a "
+                 f"face were dropped; write one row per frame, NaN where there is no face")
+    elif rows < frames:
+        cause = ("frames without a face dropped instead of written as NaN rows (one row per frame is needed)"
+                 + (f", or features written at another rate (this ratio fits {rate})" if rate else
+                    ", or features written at another rate"))
+    else:
+        cause = (f"features written at another rate (this ratio fits {rate})" if rate else
+                 "features written at another rate, or for another video") + "; resample to one row per frame"
+    return f"{counts}; likely cause: {cause}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a root, step by step
+
+
+def read_labelled_videos(root: Path) -> tuple[dict[str, VideoRecord], dict[str, Path], list[Problem]]:
+    """Train and validation videos from their annotation files; also each video's annotation file.
+
+    Subjects are assigned later (:func:`assign_subjects`)."""
+    videos: dict[str, VideoRecord] = {}
+    label_files: dict[str, Path] = {}
+    problems: list[Problem] = []
+    for split, folder in SPLIT_DIRS.items():
+        split_dir = root / LABEL_DIR / folder
+        if not split_dir.is_dir():
+            problems.append(Problem(split_dir, "missing annotation folder"))
+            continue
+        for path in sorted(split_dir.glob("*.txt")):
+            name = path.stem
+            if name in label_files:
+                problems.append(Problem(path, f"video {name!r} is also in {label_files[name]}"))
+                continue
+            label_files[name] = path
+            labels, label_problems = parse_label_file(path)
+            problems += label_problems
+            videos[name] = VideoRecord(name, "", split, len(labels), labels)
+    return videos, label_files, problems
+
+
+def read_test_videos(root: Path, label_files: dict[str, Path], test_list: str | Path | None,
+                     test_sample: str | Path | None) -> tuple[dict[str, VideoRecord], SampleFile | None, list[Problem]]:
+    """Test videos from the test list (or, without one, the sample file), and the sample file.
+
+    A test video's frame count is its last frame in the sample file; 0 (unknown yet) when the
+    sample does not list it, and :func:`attach_features` takes it from its feature files.
+    """
+    problems: list[Problem] = []
+    list_path = find_one(root, TEST_LIST_PATTERNS, "test video list", test_list)
+    sample_path = find_one(root, TEST_SAMPLE_PATTERNS, "test sample", test_sample)
+    names: list[str] = []
+    if list_path is not None:
+        if not list_path.is_file():
+            problems.append(Problem(list_path, "test video list not found"))
+        else:
+            names, list_problems = parse_test_list(list_path)
+            problems += list_problems
+    sample = None
+    if sample_path is not None:
+        if not sample_path.is_file():
+            problems.append(Problem(sample_path, "test sample file not found"))
+        else:
+            sample, sample_problems = parse_sample_file(sample_path)
+            problems += sample_problems
+            names = names or list(dict.fromkeys(sample.videos.tolist()))
+            problems += _unlisted_sample_videos(sample, set(names))
+    frames = sample.frames_per_video() if sample else {}
+    videos: dict[str, VideoRecord] = {}
+    for name in names:
+        if name in label_files:
+            problems.append(Problem(list_path or root, f"test video {name!r} also has labels in {label_files[name]}"))
+            continue
+        videos[name] = VideoRecord(name, "", "test", frames.get(name, 0), None)
+    return videos, sample, problems
+
+
+def _unlisted_sample_videos(sample: SampleFile, listed: set[str]) -> list[Problem]:
+    """One problem per sample-file video missing from the test list, on its first line."""
+    problems, reported = [], set()
+    for lineno, video in zip(sample.lines.tolist(), sample.videos.tolist()):
+        if video not in listed and video not in reported:
+            problems.append(Problem(sample.path, f"video {video!r} is not in the test video list", line=lineno))
+            reported.add(video)
+    return problems
+
+
+def resolve_subject_rule(subjects: str | Path | None, labelled: dict[str, VideoRecord]) -> tuple[SubjectRule, list[Problem]]:
+    """The default subject rule, or the user's subject file, which must list every labelled video."""
+    if subjects is None:
+        return SubjectRule(), []
+    rule, file_problems = read_subject_file(subjects)
+    problems = [Problem(rule.source, p.message, line=p.line) for p in file_problems]
+    if rule.explicit or not problems:
+        problems += [Problem(rule.source, f"{labelled[v].split} video {v!r} has no subject: every train and "
+                                          f"validation video needs a row 'video,subject'")
+                     for v in rule.missing(labelled)]
+    return rule, problems
+
+
+def assign_subjects(videos: dict[str, VideoRecord], rule: SubjectRule) -> None:
+    for video in videos.values():
+        video.subject = rule.subject(video.name)
+
+
+def _check_feature_file(path: Path, expected_dim: int | None) -> tuple[int | None, list[Problem]]:
+    """Header-only check of an .npy file: returns (rows, problems) without reading the data."""
     try:
         array = np.load(path, mmap_mode="r")
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a problem to report, not a crash
-        return None, None, [Problem(path, f"cannot read .npy: {exc}")]
+        return None, [Problem(path, f"cannot read .npy: {exc}")]
     if array.ndim != 2:
-        return None, None, [Problem(path, f"expected a 2-D (frames, dim) array, got shape {array.shape}")]
+        return None, [Problem(path, f"expected a 2-D (frames, dim) array, got shape {array.shape}")]
     problems = []
     if array.dtype not in FEATURE_DTYPES:
         problems.append(Problem(path, f"dtype {array.dtype} is not a float type (float16/32/64)"))
@@ -272,7 +442,7 @@ def _check_feature_file(path: Path, expected_dim: int | None) -> tuple[int | Non
         problems.append(Problem(path, f"feature dim {array.shape[1]} != {expected_dim} of this modality"))
     if array.shape[0] == 0:
         problems.append(Problem(path, "feature file has no rows"))
-    return array.shape[0], array.shape[1], problems
+    return array.shape[0], problems
 
 
 def _majority_dims(feature_root: Path) -> dict[str, int]:
@@ -292,104 +462,77 @@ def _majority_dims(feature_root: Path) -> dict[str, int]:
     return dims
 
 
+def feature_dims(root: Path, modalities: list[str] | None, expected_dims: dict[str, int] | None) -> dict[str, int]:
+    """The modalities to use and their dims: ``expected_dims``, else what most files have."""
+    feature_root = root / "features"
+    dims = _majority_dims(feature_root) if feature_root.is_dir() else {}
+    dims.update(expected_dims or {})
+    wanted = list(modalities) if modalities is not None else sorted(dims)
+    return {m: dims.get(m) for m in wanted}
+
+
+def attach_features(root: Path, videos: dict[str, VideoRecord], dims: dict[str, int | None],
+                    tolerance: int = FRAME_TOLERANCE) -> tuple[list[Alignment], list[Problem]]:
+    """Check every video's feature files (headers only) and match their rows to its frame count."""
+    problems: list[Problem] = []
+    rows_of: dict[str, dict[str, int]] = defaultdict(dict)
+    for modality, dim in dims.items():
+        for video in videos.values():
+            path = root / "features" / modality / f"{video.name}.npy"
+            if not path.is_file():
+                problems.append(Problem(path, f"missing {modality} features of {video.split} video {video.name!r}"))
+                continue
+            rows, file_problems = _check_feature_file(path, dim)
+            problems += file_problems
+            video.feature_paths[modality] = path
+            if rows:
+                rows_of[video.name][modality] = rows
+    alignments: list[Alignment] = []
+    for video in videos.values():
+        if video.split == "test" and video.n_frames == 0:  # not in the sample file: the features say
+            video.n_frames = max(rows_of[video.name].values(), default=0)
+            if video.n_frames == 0:
+                problems.append(Problem(root, f"test video {video.name!r} has no frames: no sample rows and no features"))
+        if video.n_frames == 0:  # reported already (an empty annotation file, or the line above)
+            continue
+        for modality, rows in rows_of[video.name].items():
+            path = video.feature_paths[modality]
+            if abs(rows - video.n_frames) > tolerance:
+                problems.append(Problem(path, explain_mismatch(video.name, rows, video.n_frames,
+                                                               root / CROPS_DIR / video.name)))
+            elif rows != video.n_frames:
+                alignments.append(Alignment(video.name, modality, path, rows, video.n_frames))
+    return alignments, problems
+
+
 def load_dataset(
     root: str | Path,
     modalities: list[str] | None = None,
     test_list: str | Path | None = None,
     test_sample: str | Path | None = None,
     expected_dims: dict[str, int] | None = None,
+    subjects: str | Path | None = None,
 ) -> tuple[Dataset, list[Problem]]:
     """Index and validate a dataset root. Returns the dataset and every problem found.
 
     Use :func:`open_dataset` to raise on problems instead. ``modalities`` limits which feature
-    folders are checked (default: all under ``features/``).
+    folders are checked (default: all under ``features/``). ``subjects``: a ``video,subject`` CSV
+    that replaces the default subject rule (see :mod:`abaw.subjects`).
     """
     root = Path(root)
-    problems: list[Problem] = []
     if not (root / LABEL_DIR).is_dir():
         raise DataError([Problem(root, f"not an Aff-Wild2 root: missing folder {LABEL_DIR}/")])
-
-    # Labels of train and validation videos.
-    videos: dict[str, VideoRecord] = {}
-    seen_in: dict[str, Path] = {}
-    for split, folder in SPLIT_DIRS.items():
-        split_dir = root / LABEL_DIR / folder
-        if not split_dir.is_dir():
-            problems.append(Problem(split_dir, "missing annotation folder"))
-            continue
-        for path in sorted(split_dir.glob("*.txt")):
-            name = path.stem
-            if name in seen_in:
-                problems.append(Problem(path, f"video {name!r} is also in {seen_in[name]}"))
-                continue
-            seen_in[name] = path
-            labels, label_problems = parse_label_file(path)
-            problems += label_problems
-            videos[name] = VideoRecord(name, subject_key(name), split, len(labels), labels)
-
-    # Test list and sample file.
-    sample = None
-    list_path = find_one(root, TEST_LIST_PATTERNS, "test video list", test_list)
-    sample_path = find_one(root, TEST_SAMPLE_PATTERNS, "test sample", test_sample)
-    test_names: list[str] = []
-    if list_path is not None:
-        if not list_path.is_file():
-            problems.append(Problem(list_path, "test video list not found"))
-        else:
-            test_names, list_problems = parse_test_list(list_path)
-            problems += list_problems
-    if sample_path is not None:
-        if not sample_path.is_file():
-            problems.append(Problem(sample_path, "test sample file not found"))
-        else:
-            sample, sample_problems = parse_sample_file(sample_path)
-            problems += sample_problems
-            if not test_names:
-                test_names = list(dict.fromkeys(sample.videos.tolist()))
-    sample_frames = sample.frames_per_video() if sample else {}
-    listed = set(test_names)
-    for lineno, video in zip(sample.lines.tolist(), sample.videos.tolist()) if sample else []:
-        if video not in listed:
-            problems.append(Problem(sample.path, f"video {video!r} is not in the test video list", line=lineno))
-            listed.add(video)  # one report per video is enough
-    for name in test_names:
-        if name in videos:
-            problems.append(Problem(list_path or root, f"test video {name!r} also has labels in "
-                                                      f"{seen_in[name]}"))
-            continue
-        videos[name] = VideoRecord(name, subject_key(name), "test", sample_frames.get(name, 0), None)
-
-    # Features: header-only checks, so validating a large root stays cheap.
-    feature_root = root / "features"
-    dims = _majority_dims(feature_root) if feature_root.is_dir() else {}
-    dims.update(expected_dims or {})
-    wanted = list(modalities) if modalities is not None else sorted(dims)
-    if not wanted:
-        problems.append(Problem(feature_root, "no feature folders (features/<modality>/<video>.npy)"))
-    mismatched = []
-    for modality in wanted:
-        for video in videos.values():
-            path = feature_root / modality / f"{video.name}.npy"
-            if not path.is_file():
-                problems.append(Problem(path, f"missing {modality} features of {video.split} video {video.name!r}"))
-                continue
-            rows, _, feature_problems = _check_feature_file(path, dims.get(modality))
-            problems += feature_problems
-            video.feature_paths[modality] = path
-            if rows is None:
-                continue
-            if video.split == "test":
-                video.n_frames = max(video.n_frames, rows)
-            elif rows != video.n_frames:
-                mismatched.append(video.name)
-    for video in videos.values():
-        if video.split == "test" and video.n_frames == 0 and not video.feature_paths:
-            problems.append(Problem(root, f"test video {video.name!r} has no frames: no sample rows and no features"))
-    mismatched += [v.name for v in videos.values() if v.split == "test" and
-                   any(np.load(p, mmap_mode="r").shape[0] != v.n_frames for p in v.feature_paths.values()
-                       if p.is_file())]
-    dataset = Dataset(root, videos, {m: dims[m] for m in wanted if m in dims}, sample,
-                      sorted(set(mismatched)))
+    labelled, label_files, problems = read_labelled_videos(root)
+    test, sample, test_problems = read_test_videos(root, label_files, test_list, test_sample)
+    rule, subject_problems = resolve_subject_rule(subjects, labelled)
+    videos = {**labelled, **test}
+    assign_subjects(videos, rule)
+    dims = feature_dims(root, modalities, expected_dims)
+    if not dims:
+        problems.append(Problem(root / "features", "no feature folders (features/<modality>/<video>.npy)"))
+    alignments, feature_problems = attach_features(root, videos, dims)
+    problems += test_problems + subject_problems + feature_problems
+    dataset = Dataset(root, videos, {m: d for m, d in dims.items() if d is not None}, sample, alignments, rule.name)
     return dataset, problems
 
 

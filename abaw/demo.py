@@ -1,10 +1,24 @@
 """A deterministic, Aff-Wild2-shaped demo dataset that stands in for the licensed original.
 
+Shaped like the release (see ``abaw/resources/affwild2_shape.csv``, the real release's names,
+splits, lengths and face shares):
+
+* its naming schemes: ``105``, ``10-60-1280x720`` (id-fps-resolution), ``video59``,
+  ``video55_left`` / ``_right``, recordings cut into numbered parts (``video86_1`` ... and
+  ``122-60-1920x1080-1`` ...), both at once (``video10_1_left``), a recording whose left side has
+  no suffix (``10-60-1280x720`` + ``10-60-1280x720_right``), and the same id naming two different
+  recordings in two splits (``105`` and ``105-30-640x480``). The parts and sides of a recording
+  share its people and scene, so a fold that splits them leaks;
+* frame rates 24-60 fps (in the names; time constants and the annotation lag scale with them);
+* frames without a face: stretches, isolated detector misses, and videos where the face is
+  mostly missing (face shares from 0.05 to 1), written as NaN rows;
+* stretches of -5 labels; feature files a few rows off the frame count (within the tolerance).
+
 The labels are learnable only with temporal context:
 
 * a smooth latent "expressed emotion" f(t) per video (valence, arousal), made by low-pass
-  filtering white noise twice, so it drifts over ~100 frames;
-* annotators react late: the label is y(t) = f(t - lag) with a lag of ``LAG`` frames;
+  filtering white noise twice, so it drifts over a few seconds;
+* annotators react late: the label is y(t) = f(t - lag) with a lag of ``LAG`` frames at 30 fps;
 * the face shows f(t) plus strong white "expression jitter" e(t) at every frame, so no per-frame
   model can see through it, while averaging over a few dozen frames can;
 * features are a nonlinear, subject-dependent mapping of that noisy latent, plus sensor noise.
@@ -24,10 +38,10 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import lfilter
 
-from .data import INVALID_LABEL, LABEL_DIR, SPLIT_DIRS
+from .data import INVALID_LABEL, LABEL_DIR, SPLIT_DIRS, fps_from_name, image_location
 
-VERSION = 1
-LAG = 12  # frames between the face showing an emotion and the annotation following it
+VERSION = 2
+LAG = 12  # frames (at 30 fps) between the face showing an emotion and the annotation following it
 MODALITY_DIMS = {"visual": 768, "audio": 40, "text": 64}
 TEST_LIST_NAME = "Valence_Arousal_Estimation_Challenge_test_set_release.txt"
 TEST_SAMPLE_NAME = "CVPR_8th_ABAW_VA_test_set_sample.txt"
@@ -82,6 +96,71 @@ def _stretches(rng, n: int, count: int, lo: int, hi: int) -> np.ndarray:
     return mask
 
 
+# The release's naming schemes, one recording each: (scheme, number of files). The first entries
+# of each split come first in small demos, so even a 6-video demo has parts and sides.
+_SCHEMES = {
+    "train": [("sides", 2), ("plain", 1), ("parts", 3), ("res", 1), ("video", 1), ("res_parts", 3), ("plain", 1),
+              ("half_sides", 2), ("res", 1), ("res_sides", 2), ("video", 1)],
+    "val": [("plain_clash", 1), ("plain", 1), ("parts", 3), ("sides", 2), ("res", 1), ("video", 1)],
+    "test": [("parts", 3), ("res", 1), ("parts_sides", 2), ("plain", 1), ("sides", 2), ("video", 1)],
+}
+_SINGLES = ("plain", "res", "video")  # what a split's list repeats once its recordings run out
+_FPS = (30, 25, 60, 24, 30)
+_RESOLUTIONS = ("1280x720", "1920x1080", "640x480", "480x360")
+
+
+@dataclass(frozen=True)
+class DemoVideo:
+    """One video file of the demo: its name, the recording it belongs to, and its side (person)."""
+
+    name: str
+    recording: str
+    person: str
+    fps: int
+
+
+def _recording_files(scheme: str, count: int, number: int, clash_id: int) -> list[tuple[str, str]]:
+    """(file name, person) of one recording in ``scheme``, with ids derived from ``number``."""
+    fps, resolution = _FPS[number % len(_FPS)], _RESOLUTIONS[number % len(_RESOLUTIONS)]
+    res = f"{number}-{fps}-{resolution}"
+    if scheme == "plain":
+        return [(str(number), "a")]
+    if scheme == "plain_clash":  # the id of a train video, another recording (as 105 / 105-30-1280x720)
+        return [(f"{clash_id}-30-640x480", "a")]
+    if scheme == "res":
+        return [(res, "a")]
+    if scheme == "video":
+        return [(f"video{number}", "a")]
+    if scheme == "sides":
+        return [(f"video{number}_left", "left"), (f"video{number}_right", "right")]
+    if scheme == "res_sides":
+        return [(f"{res}_left", "left"), (f"{res}_right", "right")]
+    if scheme == "half_sides":  # the left person's file has no suffix
+        return [(res, "left"), (f"{res}_right", "right")]
+    if scheme == "parts":
+        return [(f"video{number}_{i}", "a") for i in range(1, count + 1)]
+    if scheme == "res_parts":
+        return [(f"{res}-{i}", "a") for i in range(1, count + 1)]
+    if scheme == "parts_sides":
+        return [(f"video{number}_1_left", "left"), (f"video{number}_1_right", "right")]
+    raise ValueError(f"unknown naming scheme {scheme!r}")
+
+
+def demo_videos(split: str, count: int) -> list[DemoVideo]:
+    """``count`` video files of ``split`` in the release's naming schemes (ids unique per split)."""
+    base = {"train": 100, "val": 300, "test": 500}[split]
+    schemes = list(_SCHEMES[split])
+    videos: list[DemoVideo] = []
+    number = base
+    while len(videos) < count:
+        scheme, files = schemes.pop(0) if schemes else (_SINGLES[number % 3], 1)
+        for name, person in _recording_files(scheme, files, number, clash_id=101):
+            recording = f"{split}:{number}"
+            videos.append(DemoVideo(name, recording, f"{recording}:{person}", fps_from_name(name) or 30))
+        number += 1
+    return videos[:count]
+
+
 class _World:
     """The fixed random mappings from latent emotion to features, shared by all videos."""
 
@@ -96,18 +175,20 @@ class _World:
         v, a = o[:, 0], o[:, 1]
         return np.stack([v, a, v * v, a * a, v * a, np.sin(np.pi * v), np.cos(np.pi * a)], axis=1)
 
-    def video(self, rng, n: int, subject_embedding: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def video(self, rng, n: int, subject_embedding: np.ndarray, mood: np.ndarray, fps: int,
+              face_share: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Labels (n, 2) and features of one video."""
-        face = np.stack([_smooth(rng, n + LAG, 40.0), _smooth(rng, n + LAG, 60.0)], axis=1)
-        face = 0.85 * np.tanh(0.55 * face + rng.normal(0, 0.15, size=2))  # per-video mood offset
-        labels = face[:n].copy()  # y(t) = f(t - LAG): frame t of the labels sees face frame t - LAG
-        face = face[LAG:]
+        speed = fps / 30  # emotions drift over seconds, so over more frames at a higher frame rate
+        lag = round(LAG * speed)
+        face = np.stack([_smooth(rng, n + lag, 40.0 * speed), _smooth(rng, n + lag, 60.0 * speed)], axis=1)
+        face = 0.85 * np.tanh(0.55 * face + mood + rng.normal(0, 0.08, size=2))  # per-recording mood
+        labels = face[:n].copy()  # y(t) = f(t - lag): frame t of the labels sees face frame t - lag
+        face = face[lag:]
 
         shown = face + rng.normal(0, 1.0, size=face.shape)  # per-frame jitter: only time averages see f
         visual = np.tanh(self._basis(shown) @ self.visual_w + subject_embedding @ self.visual_subject_w)
         visual += rng.normal(0, 0.3, size=visual.shape)
-        no_face = _stretches(rng, n, int(rng.integers(0, 3)), 20, 150)
-        visual[no_face] = np.nan
+        visual[_no_face(rng, n, face_share)] = np.nan
 
         heard = face[:, 1:2] + rng.normal(0, 0.8, size=(n, 1))
         audio = np.concatenate([heard, heard ** 2, np.sin(2 * heard)], axis=1) @ self.audio_w
@@ -124,13 +205,18 @@ class _World:
         return labels.astype(np.float32), {k: v.astype(np.float32) for k, v in features.items()}
 
 
-def _video_names(prefix: str, count: int, pairs: int) -> list[str]:
-    """``count`` video files, the first ``pairs`` x 2 of them two-person _left/_right files."""
-    names = []
-    for i in range(pairs):
-        names += [f"{prefix}{i:03d}_left", f"{prefix}{i:03d}_right"]
-    names += [f"{prefix}{i:03d}" for i in range(pairs, pairs + count - 2 * pairs)]
-    return names
+def _no_face(rng, n: int, face_share: float) -> np.ndarray:
+    """Frames without a face: isolated detector misses, stretches, and long absences down to ``face_share``."""
+    missing = rng.random(n) < 0.004
+    missing |= _stretches(rng, n, int(rng.integers(0, 3)), 10, 60)
+    while missing.mean() < 1 - face_share:  # the face mostly gone: long stretches until the share is reached
+        missing |= _stretches(rng, n, 1, n // 10, n // 3)
+    return missing
+
+
+def _face_share(index: int) -> float:
+    """Most faces are found almost everywhere (the release's median face share is 0.99); a few are not."""
+    return {4: 0.5, 7: 0.05}.get(index, 1.0)
 
 
 def _write_labels(path: Path, labels: np.ndarray) -> None:
@@ -147,38 +233,36 @@ def generate(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     rng = np.random.default_rng(spec.seed)
     world = _World(rng)
-    splits = {
-        "train": _video_names("train", spec.n_train, pairs=3),
-        "val": _video_names("val", spec.n_val, pairs=1),
-        "test": _video_names("test", spec.n_test, pairs=1),
-    }
+    splits = {"train": demo_videos("train", spec.n_train), "val": demo_videos("val", spec.n_val),
+              "test": demo_videos("test", spec.n_test)}
     for modality in MODALITY_DIMS:
         (tmp / "features" / modality).mkdir(parents=True)
     truth = ["image_location,valence,arousal"]
     sample = ["image_location,valence,arousal"]
-    subject_embeddings: dict[str, np.ndarray] = {}
-    for split, names in splits.items():
+    scenes: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # recording -> (scene embedding, mood)
+    people: dict[str, np.ndarray] = {}
+    for split, videos in splits.items():
         if split != "test":
             (tmp / LABEL_DIR / SPLIT_DIRS[split]).mkdir(parents=True, exist_ok=True)
-        for index, name in enumerate(names):
-            subject = name.rsplit("_left", 1)[0].rsplit("_right", 1)[0]
-            embedding = subject_embeddings.setdefault(subject, rng.normal(0, 0.7, size=6))
+        for index, video in enumerate(videos):
+            scene, mood = scenes.setdefault(video.recording, (rng.normal(0, 0.5, size=6), rng.normal(0, 0.12, size=2)))
+            person = people.setdefault(video.person, scene + rng.normal(0, 0.5, size=6))
             extra = min(rng.gamma(2.0, spec.mean_extra_frames / 2), spec.max_frames - spec.min_frames)
             n = spec.min_frames + int(extra)
-            labels, features = world.video(rng, n, embedding)
+            labels, features = world.video(rng, n, person, mood, video.fps, _face_share(index))
             if split == "train" and index in (5, 9):
                 features["visual"] = np.concatenate([features["visual"], features["visual"][-2:]])
             if split == "test" and index == 3:
-                features["visual"] = features["visual"][:-10]  # frames past the feature file's end
+                features["visual"] = features["visual"][:-3]  # frames past the feature file's end
             for modality, array in features.items():
-                np.save(tmp / "features" / modality / f"{name}.npy", array)
+                np.save(tmp / "features" / modality / f"{video.name}.npy", array)
             if split == "test":
                 for frame, (v, a) in enumerate(labels, start=1):
-                    truth.append(f"{name}/{frame:05d}.jpg,{v:.3f},{a:.3f}")
-                    sample.append(f"{name}/{frame:05d}.jpg,,")
+                    truth.append(f"{image_location(video.name, frame)},{v:.3f},{a:.3f}")
+                    sample.append(f"{image_location(video.name, frame)},,")
             else:
-                _write_labels(tmp / LABEL_DIR / SPLIT_DIRS[split] / f"{name}.txt", labels)
-    (tmp / TEST_LIST_NAME).write_text("\n".join(splits["test"]) + "\n")
+                _write_labels(tmp / LABEL_DIR / SPLIT_DIRS[split] / f"{video.name}.txt", labels)
+    (tmp / TEST_LIST_NAME).write_text("\n".join(v.name for v in splits["test"]) + "\n")
     (tmp / TEST_SAMPLE_NAME).write_text("\n".join(sample) + "\n")
     (tmp / GROUND_TRUTH_NAME).write_text("\n".join(truth) + "\n")
     (tmp / ".complete").write_text(f"abaw demo v{VERSION} seed {spec.seed}\n")

@@ -1,6 +1,7 @@
 """The fold manager: join Train_Set and Validation_Set and split them into subject-grouped folds.
 
-* Grouped by subject key, so a ``_left``/``_right`` pair never lands in two folds.
+* Grouped by subject (:mod:`abaw.subjects`: ``_left``/``_right`` files and the numbered parts of
+  one recording are one subject, or a user's subject file), so no person is in two folds.
 * Balanced by labelled frames (the best of 200 seeded greedy passes), and deterministic for a
   given seed. (The published code
   took folds from unsorted directory listings: neither reproducible nor subject-aware.)
@@ -9,8 +10,10 @@
   ``holdout_val`` (validation videos get fold -1 and are never trained on, so fold models and
   merges can be scored on unseen data).
 
-Fold tables are saved under ``folds/`` with a dataset fingerprint in the name and reused by every
-later run, so every architecture sees the same folds.
+Fold tables are saved under ``folds/`` with a fingerprint in the name and reused by every later
+run, so every architecture sees the same folds. The fingerprint covers the labelled videos and the
+subject of each, so another subject rule (or subject file) gives another table; a table whose
+subjects differ from the dataset's grouping is refused, never used.
 """
 from __future__ import annotations
 
@@ -31,11 +34,24 @@ class FoldError(ValueError):
     pass
 
 
+FOLD_COLUMNS = ["video", "subject", "split", "fold"]
+
+
 def fingerprint(dataset: Dataset) -> str:
-    """Hash of the labelled videos (name, split, frames, labelled frames): changes when the data does."""
-    parts = [f"{v.name}:{v.split}:{v.n_frames}:{int(v.label_mask.sum())}"
+    """Hash of the labelled videos (name, split, frames, labelled frames) and of their subjects.
+
+    It changes when the data does, and when the subject rule groups the videos otherwise."""
+    parts = [f"{v.name}:{v.split}:{v.n_frames}:{int(v.label_mask.sum())}:{v.subject}"
              for v in sorted(dataset.split("train", "val"), key=lambda v: v.name)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
+
+
+def read_fold_table(path: str | Path) -> pd.DataFrame:
+    """A saved fold table; names stay strings (``105`` is a video, not a number)."""
+    table = pd.read_csv(path, dtype={"video": str, "subject": str, "split": str})
+    if any(c not in table.columns for c in ("video", "subject", "fold")):
+        raise FoldError(f"{path}:1: expected columns {','.join(FOLD_COLUMNS)}, got {','.join(table.columns)}")
+    return table
 
 
 def _balanced_groups(frames_per_subject: dict[str, int], k: int, seed: int, tries: int = 200) -> dict[str, int]:
@@ -88,7 +104,21 @@ def make_folds(dataset: Dataset, k: int = 5, mode: str = "grouped", seed: int = 
         folds.update({v.subject: HOLDOUT for v in val})
     rows = [{"video": v.name, "subject": v.subject, "split": v.split, "fold": folds[v.subject]}
             for v in sorted(train + val, key=lambda v: v.name)]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=FOLD_COLUMNS)
+
+
+def fold_table_changes(saved: pd.DataFrame, current: pd.DataFrame, limit: int = 3) -> list[str]:
+    """How ``current`` differs from ``saved``, one line per video (at most ``limit``, then a count)."""
+    columns = [c for c in FOLD_COLUMNS[1:] if c in saved.columns and c in current.columns]
+    old = saved.set_index("video")[columns].astype(str).to_dict("index")
+    new = current.set_index("video")[columns].astype(str).to_dict("index")
+    changes = [f"{v!r} only in the saved table" for v in sorted(set(old) - set(new))]
+    changes += [f"{v!r} not in the saved table" for v in sorted(set(new) - set(old))]
+    for video in sorted(set(old) & set(new)):
+        diff = [f"{k} {old[video][k]} -> {new[video][k]}" for k in old[video] if old[video][k] != new[video][k]]
+        if diff:
+            changes.append(f"{video!r}: {', '.join(diff)}")
+    return changes[:limit] + ([f"... {len(changes) - limit} more"] if len(changes) > limit else [])
 
 
 def folds_path(dataset: Dataset, k: int, mode: str, seed: int, folder: str | Path = "folds") -> Path:
@@ -104,6 +134,12 @@ def check_folds(table: pd.DataFrame, dataset: Dataset, source: Path | str) -> No
         raise FoldError(f"{source} does not match the dataset at {dataset.root}: "
                         f"{len(missing)} video(s) missing (e.g. {missing[:3]}), "
                         f"{len(extra)} unknown (e.g. {extra[:3]}). Delete it or pass the right data root.")
+    moved = [v for v in expected if listed[v] != expected[v]]
+    if moved:
+        raise FoldError(f"{source} was made under another subject grouping: {len(moved)} video(s) have another "
+                        f"subject under {dataset.subject_rule} (e.g. {moved[0]!r}: {listed[moved[0]]!r} in the "
+                        f"table, {expected[moved[0]]!r} now). Its folds could put one person in two folds. "
+                        f"Delete it to make a new table, or pass the --subjects file it was made with.")
     split_subjects = table.groupby("subject")["fold"].nunique()
     if (split_subjects > 1).any():
         raise FoldError(f"{source}: subject(s) {list(split_subjects[split_subjects > 1].index[:3])} "
@@ -115,7 +151,7 @@ def load_or_make_folds(dataset: Dataset, k: int = 5, mode: str = "grouped", seed
     """Reuse the saved fold table for this dataset and settings, or make and save it."""
     path = folds_path(dataset, k, mode, seed, folder)
     if path.exists():
-        table = pd.read_csv(path)
+        table = read_fold_table(path)
         check_folds(table, dataset, path)
         return table, path
     table = make_folds(dataset, k, mode, seed)

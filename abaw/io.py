@@ -31,6 +31,14 @@ def _umask() -> int:
     return mask
 
 
+def text_lines(path: str | Path) -> list[str]:
+    """A text file's lines without CRLF endings or a BOM; trailing blank lines dropped (both are valid input)."""
+    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .folds import HOLDOUT
+from .folds import HOLDOUT, FoldError, read_fold_table
 from .io import atomic_path
 
 PREDICTION_COLUMNS = ["video", "frame", "valence", "arousal"]
@@ -284,10 +284,10 @@ class Run:
         path = self.path / "folds.csv"
         if not path.is_file():
             raise RunError(f"{path}: missing")
-        table = pd.read_csv(path, dtype={"video": str, "subject": str})
-        if not {"video", "fold"} <= set(table.columns):
-            raise RunError(f"{path}:1: expected columns video and fold, got {','.join(table.columns)}")
-        return table
+        try:
+            return read_fold_table(path)
+        except FoldError as exc:
+            raise RunError(str(exc)) from exc
 
     def holdout_videos(self) -> list[str]:
         table = self.fold_table()

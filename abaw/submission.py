@@ -421,7 +421,8 @@ def load_inputs(run_paths: Sequence[str], test_sample: str | None = None) -> Inp
         raise RunError(f"runs were made on different datasets: {sorted(roots)}")
     root = runs[0].data_root()
     dataset = open_dataset(root, test_list=runs[0].config.get("test_list"),
-                           test_sample=test_sample or runs[0].config.get("test_sample"))
+                           test_sample=test_sample or runs[0].config.get("test_sample"),
+                           subjects=runs[0].config.get("subjects"))
     if dataset.sample is None:
         raise RunError(f"{root}: no test sample file found; name it with --test-sample")
     labels = {v.name: v.labels.astype(np.float64) for v in dataset.split("train", "val")}

@@ -70,7 +70,8 @@ def build_model(config: RunConfig, arch: str, dataset: Dataset) -> torch.nn.Modu
     from .models import model_info
 
     overrides = dict(config.model.get(arch, {}))
-    info = model_info(arch, size=config.size, input_dims=dataset.modalities, **overrides)
+    input_dims = {m: d + int(config.presence) for m, d in dataset.modalities.items()}  # + the presence channel
+    info = model_info(arch, size=config.size, input_dims=input_dims, **overrides)
     if config.dropout is not None:  # the run-wide dropout sets every dropout field the config has
         for name in DROPOUT_FIELDS & {f.name for f in fields(info.config)}:
             overrides.setdefault(name, config.dropout)
@@ -78,7 +79,8 @@ def build_model(config: RunConfig, arch: str, dataset: Dataset) -> torch.nn.Modu
     if missing:
         raise ValueError(f"{arch} needs modalities {list(info.modalities)} but {dataset.root}/features has "
                          f"no {missing}; available: {sorted(dataset.modalities)}")
-    model = create_model(arch, size=config.size, input_dims=dataset.modalities, **overrides)
+    model = create_model(arch, size=config.size, input_dims=input_dims, **overrides)
+    model.presence_channel = config.presence  # read by WindowDataset and predict_video
     if getattr(model, "out_dim", 2) != 2:
         raise ValueError(f"{arch} predicts {model.out_dim} output(s) (single_target); cross-validation "
                          f"trains joint valence-arousal models")
@@ -202,7 +204,7 @@ class FoldTrainer:
         cfg = self.config
         seed_everything(self.seed)
         model = build_model(cfg, self.arch, self.dataset).to(self.device)
-        windows = WindowDataset(self.train_videos, model.modalities, cfg.window, cfg.hop)
+        windows = WindowDataset(self.train_videos, model.modalities, cfg.window, cfg.hop, cfg.presence)
         windows.index = [(i, s) for i, s in windows.index  # windows without a single label teach nothing
                          if windows.videos[i].label_mask[s:s + cfg.window].any()]
         steps_per_epoch = len(self._loader(windows, 0))

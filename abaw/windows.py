@@ -3,6 +3,11 @@
 Unlike the published code, windows cover every frame: the last window of a video is anchored at
 its end (so no tail is dropped) and a video shorter than a window becomes one padded, masked window
 (so no video is skipped).
+
+Frames without a face (NaN feature rows) are zero-filled. With ``presence=True`` each modality gets
+one more channel, 1 where the frame has its feature and 0 where it has none, so a model can tell a
+missing face from a real feature vector near zero (the published systems could not: they
+zero-fill or forward-fill and feed the result as if it were real).
 """
 from __future__ import annotations
 
@@ -32,19 +37,23 @@ def window_starts(n_frames: int, window: int = DEFAULT_WINDOW, hop: int = DEFAUL
     return starts
 
 
-def read_window(video: VideoRecord, modalities: Sequence[str], start: int, length: int) -> dict[str, np.ndarray]:
+def read_window(video: VideoRecord, modalities: Sequence[str], start: int, length: int,
+                presence: bool = False) -> dict[str, np.ndarray]:
     """One window of ``length`` frames from ``start``, padded past the video's end.
 
-    Returns numpy arrays: one (length, D_m) float32 per modality, ``mask`` (length,) True on real
-    frames, ``labels`` (length, 2) and ``label_mask`` (length,) True where the label counts.
+    Returns numpy arrays: one (length, D_m) float32 per modality ((length, D_m + 1) with
+    ``presence``: the last channel is 1 where the frame has its feature), ``mask`` (length,) True on
+    real frames, ``labels`` (length, 2) and ``label_mask`` (length,) True where the label counts.
     """
     stop = min(start + length, video.n_frames)
     real = stop - start
     item: dict[str, np.ndarray] = {}
     for modality in modalities:
-        feats, _present = video.features(modality, start, stop)
-        padded = np.zeros((length, feats.shape[1]), np.float32)
-        padded[:real] = feats
+        feats, present = video.features(modality, start, stop)
+        padded = np.zeros((length, feats.shape[1] + int(presence)), np.float32)
+        padded[:real, :feats.shape[1]] = feats
+        if presence:
+            padded[:real, -1] = present
         item[modality] = padded
     item["mask"] = np.arange(length) < real
     item["labels"] = np.zeros((length, 2), np.float32)
@@ -63,10 +72,11 @@ class WindowDataset(TorchDataset):
     """
 
     def __init__(self, videos: Sequence[VideoRecord], modalities: Sequence[str],
-                 window: int = DEFAULT_WINDOW, hop: int = DEFAULT_HOP):
+                 window: int = DEFAULT_WINDOW, hop: int = DEFAULT_HOP, presence: bool = False):
         self.videos = list(videos)
         self.modalities = tuple(modalities)
         self.window = window
+        self.presence = presence
         self.index = [(i, s) for i, v in enumerate(self.videos) for s in window_starts(v.n_frames, window, hop)]
 
     def __len__(self) -> int:
@@ -74,7 +84,7 @@ class WindowDataset(TorchDataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         video, start = self.index[i]
-        item = read_window(self.videos[video], self.modalities, start, self.window)
+        item = read_window(self.videos[video], self.modalities, start, self.window, self.presence)
         return {k: torch.from_numpy(v) for k, v in item.items()}
 
 
@@ -92,10 +102,12 @@ def predict_video(model: torch.nn.Module, video: VideoRecord, window: int = DEFA
 
     By default the video is cut into windows like training data and overlapping window outputs
     are averaged per frame. ``full_sequence=True`` runs the model once over all T frames instead
-    (for models that generalise past their training length, e.g. causal TCN/Mamba).
+    (for models that generalise past their training length, e.g. causal TCN/Mamba). A model built
+    to read a presence channel (``model.presence_channel``, set by ``abaw.train.build_model``) gets it.
     """
     model.eval()
     modalities = model.modalities
+    presence = getattr(model, "presence_channel", False)
     if full_sequence:
         window, starts = video.n_frames, [0]
     else:
@@ -104,7 +116,7 @@ def predict_video(model: torch.nn.Module, video: VideoRecord, window: int = DEFA
     count = np.zeros(video.n_frames, np.float64)
     for first in range(0, len(starts), batch_size):
         chunk = starts[first:first + batch_size]
-        items = [read_window(video, modalities, s, window) for s in chunk]
+        items = [read_window(video, modalities, s, window, presence) for s in chunk]
         feats, mask = _batch(items, modalities, device)
         out = model(feats, mask).float().cpu().numpy()  # (B, window, 2)
         for start, pred in zip(chunk, out):

@@ -52,3 +52,40 @@ def tiny_root(tmp_path) -> Path:
     sample = ["image_location,valence,arousal"] + [f"{v}/{i:05d}.jpg,," for v in ("t1", "t2") for i in range(1, 21)]
     (root / "CVPR_8th_ABAW_VA_test_set_sample.txt").write_text("\n".join(sample) + "\n")
     return root
+
+
+SHAPE_CSV = Path(__file__).resolve().parents[1] / "abaw" / "resources" / "affwild2_shape.csv"
+
+
+def release_shaped_root(root: Path, frames_per: int = 200, seed: int = 0) -> Path:
+    """A root with every video of the real release: its names, splits and face shares (NaN rows).
+
+    Lengths are the real ones divided by ``frames_per`` (at least 4 frames), labels are noise: the
+    shape of the release, not its content. One 4-d ``visual`` modality; the sample lists every test frame.
+    """
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    shape = pd.read_csv(SHAPE_CSV, dtype={"video": str})
+    (root / "features" / "visual").mkdir(parents=True)
+    sample = ["image_location,valence,arousal"]
+    for row in shape.itertuples():
+        n = max(4, row.frames // frames_per)
+        features = rng.standard_normal((n, 4)).astype(np.float32)
+        features[rng.random(n) > row.face_share] = np.nan
+        np.save(root / "features" / "visual" / f"{row.video}.npy", features)
+        if row.split == "test":
+            sample += [f"{row.video}/{i:05d}.jpg,," for i in range(1, n + 1)]
+        else:
+            folder = {"train": "Train_Set", "val": "Validation_Set"}[row.split]
+            write_labels(root / LABEL_DIR / folder / f"{row.video}.txt", rng.uniform(-1, 1, (n, 2)).round(3).tolist())
+    test = shape[shape.split == "test"].video
+    (root / "Valence_Arousal_Estimation_Challenge_test_set_release.txt").write_text("\n".join(test) + "\n")
+    (root / "CVPR_8th_ABAW_VA_test_set_sample.txt").write_text("\n".join(sample) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def release_root(tmp_path_factory) -> Path:
+    """Every video of the real release, in miniature (see :func:`release_shaped_root`)."""
+    return release_shaped_root(tmp_path_factory.mktemp("release") / "root")

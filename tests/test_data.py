@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abaw.data import LABEL_DIR, DataError, load_dataset, open_dataset, parse_label_file, subject_key
+from abaw.data import (FRAME_TOLERANCE, LABEL_DIR, DataError, explain_mismatch, image_location, load_dataset,
+                       open_dataset, parse_label_file, valid_label_mask)
 from conftest import write_labels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,11 +33,6 @@ def test_valid_root_has_no_problems(tiny_root):
     assert not record.label_mask[3] and record.label_mask.sum() == 19
 
 
-def test_subject_key():
-    assert subject_key("10-60-1280x720_left") == subject_key("10-60-1280x720_right") == "10-60-1280x720"
-    assert subject_key("left_video") == "left_video"
-
-
 def test_windows_line_endings_and_trailing_blank_line_are_valid(tmp_path):
     path = tmp_path / "v.txt"
     write_labels(path, [(0.1, 0.2), (-5, -5), (0.3, -0.4)], newline="\r\n", trailing="\r\n\r\n")
@@ -53,7 +49,7 @@ def test_windows_line_endings_and_trailing_blank_line_are_valid(tmp_path):
 ])
 def test_bad_label_file_names_file_and_line(tiny_root, header, rows, line, words):
     path = tiny_root / LABEL_DIR / "Train_Set" / "a.txt"
-    write_labels(path, rows, header=header)
+    write_labels(path, rows + [(0.1, 0.2)] * (20 - len(rows)), header=header)  # 20 frames, as the features
     problem = only_problem(tiny_root)
     assert problem.path == path and problem.line == line and words in problem.message
     assert f"a.txt:{line}" in str(problem)
@@ -67,8 +63,8 @@ def test_empty_label_file(tiny_root):
 
 
 def test_every_problem_is_listed_not_just_the_first(tiny_root):
-    write_labels(tiny_root / LABEL_DIR / "Train_Set" / "a.txt", [("x", 0.1), (2, 0.1)])
-    write_labels(tiny_root / LABEL_DIR / "Validation_Set" / "c.txt", [(0.1, 0.1)], header="v,a")
+    write_labels(tiny_root / LABEL_DIR / "Train_Set" / "a.txt", [("x", 0.1), (2, 0.1)] + [(0.1, 0.1)] * 18)
+    write_labels(tiny_root / LABEL_DIR / "Validation_Set" / "c.txt", [(0.1, 0.1)] * 20, header="v,a")
     assert len(problems_of(tiny_root)) == 3
 
 
@@ -108,17 +104,62 @@ def test_sample_file_bad_row_names_line(tiny_root):
     assert problem.path == path and problem.line == 5
 
 
-def test_feature_length_rule_trims_and_carries_last_row(tiny_root):
-    short = np.arange(15 * 8, dtype=np.float32).reshape(15, 8)
+def test_a_mismatch_within_the_tolerance_is_aligned_and_reported(tiny_root):
+    short = np.arange(17 * 8, dtype=np.float32).reshape(17, 8)  # 3 rows short of 20 frames
     np.save(tiny_root / "features" / "visual" / "a.npy", short)
-    long = np.ones((25, 3), np.float32)
+    long = np.ones((22, 3), np.float32)
     np.save(tiny_root / "features" / "audio" / "c.npy", long)
     dataset = open_dataset(tiny_root)
-    assert dataset.length_mismatches == ["a", "c"]
+    assert [(a.video, a.modality, a.rows, a.frames) for a in dataset.alignments] == [
+        ("a", "visual", 17, 20), ("c", "audio", 22, 20)]
+    assert "last row carried over 3 missing row(s)" in str(dataset.alignments[0])
+    assert "2 surplus row(s) trimmed" in str(dataset.alignments[1])
     feats, present = dataset.videos["a"].features("visual")
     assert feats.shape == (20, 8) and present.all()
-    np.testing.assert_array_equal(feats[15:], np.repeat(short[-1:], 5, axis=0))
+    np.testing.assert_array_equal(feats[17:], np.repeat(short[-1:], 3, axis=0))
     assert dataset.videos["c"].features("audio")[0].shape == (20, 3)
+
+
+@pytest.mark.parametrize("video, rows", [("a", 12), ("b_left", 20 + FRAME_TOLERANCE + 1), ("t1", 12)])
+def test_a_larger_mismatch_is_a_problem_naming_file_and_counts(tiny_root, video, rows):
+    path = tiny_root / "features" / "visual" / f"{video}.npy"
+    np.save(path, np.ones((rows, 8), np.float32))  # t1: a test video, 20 frames by the sample file
+    problem = only_problem(tiny_root)
+    assert problem.path == path
+    assert f"{rows} feature rows for 20 frames" in problem.message
+    assert f"ratio {rows / 20:.3f}" in problem.message and "likely cause" in problem.message
+
+
+def test_a_test_video_has_the_sample_files_frame_count(tiny_root):
+    np.save(tiny_root / "features" / "audio" / "t2.npy", np.ones((23, 3), np.float32))
+    dataset = open_dataset(tiny_root)
+    assert dataset.videos["t2"].n_frames == 20  # not the longer feature file
+    assert [(a.video, a.rows, a.frames) for a in dataset.alignments] == [("t2", 23, 20)]
+
+
+@pytest.mark.parametrize("video, rows, frames, cause", [
+    ("10-30-1280x720", 3000, 900, "100 rows/s for a 30 fps video"),      # audio features at 100 Hz
+    ("video7", 750, 900, "25 rows/s for a 30 fps video"),              # a 25 fps stream of a 30 fps video
+    ("12-60-1920x1080", 450, 900, "30 rows/s for a 60 fps video"),
+    ("105", 540, 900, "frames without a face dropped"),                # 40% short
+    ("105", 1300, 900, "another rate, or for another video"),
+])
+def test_mismatch_messages_suggest_the_likely_cause(video, rows, frames, cause):
+    assert cause in explain_mismatch(video, rows, frames)
+
+
+def test_dropped_no_face_rows_are_named_when_the_crops_show_it(tmp_path):
+    crops = tmp_path / "cropped_aligned" / "video3"
+    crops.mkdir(parents=True)
+    for frame in (1, 2, 5, 6):  # frames 3 and 4 had no face: no image
+        (tmp_path / "cropped_aligned" / image_location("video3", frame)).touch()
+    message = explain_mismatch("video3", 4, 6, crops)
+    assert "4 face images, as many as the file has rows" in message
+
+
+def test_valid_label_mask():
+    labels = np.array([[0.1, 0.2], [-5, 0.3], [0.3, -5], [-5, -5]])
+    assert valid_label_mask(labels).tolist() == [True, False, False, False]
 
 
 def test_nan_rows_are_zero_filled_and_masked(tiny_root):
@@ -159,8 +200,24 @@ def test_check_cli_prints_summary_and_exits_zero(tiny_root):
 
 
 def test_check_cli_lists_every_problem_and_exits_nonzero(tiny_root):
-    write_labels(tiny_root / LABEL_DIR / "Train_Set" / "a.txt", [(0.1, "oops")])
+    write_labels(tiny_root / LABEL_DIR / "Train_Set" / "a.txt", [(0.1, 0.2)] * 19 + [(0.1, "oops")])
     np.save(tiny_root / "features" / "visual" / "c.npy", np.zeros((20, 5), np.float32))
     result = run_cli("--data-root", str(tiny_root), "--check")
     assert result.returncode != 0
-    assert "a.txt:2" in result.stdout and "c.npy" in result.stdout and "2 problem(s)" in result.stdout
+    assert "a.txt:21" in result.stdout and "c.npy" in result.stdout and "2 problem(s)" in result.stdout
+
+
+def test_check_cli_fails_a_feature_file_40_percent_short(tiny_root):
+    path = tiny_root / "features" / "visual" / "b_right.npy"
+    np.save(path, np.ones((12, 8), np.float32))
+    result = run_cli("--data-root", str(tiny_root), "--check")
+    assert result.returncode == 1
+    assert f"{path}: 12 feature rows for 20 frames (ratio 0.600" in result.stdout
+
+
+def test_check_cli_reports_an_aligned_file(tiny_root):
+    path = tiny_root / "features" / "visual" / "b_right.npy"
+    np.save(path, np.ones((17, 8), np.float32))
+    result = run_cli("--data-root", str(tiny_root), "--check")
+    assert result.returncode == 0, result.stdout
+    assert f"{path}: 17 rows for 20 frames; last row carried over 3 missing row(s)" in result.stdout
