@@ -17,6 +17,7 @@ from abaw import cli
 from abaw.config import RunConfig
 from abaw.cv import RunConflict, run_cv
 from abaw.data import open_dataset
+from abaw.folds import read_fold_table
 
 REPO = Path(__file__).resolve().parents[1]
 def run_args(root, out, *extra):
@@ -203,7 +204,7 @@ def test_stop_split_chooses_epochs_on_training_subjects_only(small_root, tmp_pat
     config = RunConfig(arch=["linear"], folds=3, epochs=2, window=200, hop=200, stop_split=0.2,
                        out=str(tmp_path / "run"))
     assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
-    folds = pd.read_csv(tmp_path / "run" / "folds.csv")
+    folds = read_fold_table(tmp_path / "run" / "folds.csv")
     subject_of = dict(zip(folds.video, folds.subject))
     fold0 = set(folds[folds.fold == 0].video)
     trainer = train.FoldTrainer(config, "linear", 0, dataset, folds, tmp_path / "x")

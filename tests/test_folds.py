@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from abaw.data import open_dataset
-from abaw.folds import FoldError, load_or_make_folds, make_folds
+from abaw.folds import FoldError, load_or_make_folds, make_folds, read_fold_table
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +18,8 @@ def test_folds_never_split_a_subject(dataset, mode, seed):
     assert (table.groupby("subject")["fold"].nunique() == 1).all()
     pairs = table[table.video.str.endswith(("_left", "_right"))]
     assert len(pairs) >= 6 and (pairs.groupby("subject")["fold"].nunique() == 1).all()
+    parts = table[table.video.str.match(r"^(video\d+_\d+|\d+-\d+-\d+x\d+-\d+)$")]  # numbered parts
+    assert len(parts) >= 6 and (parts.groupby("subject")["fold"].nunique() == 1).all()
 
 
 def test_folds_cover_train_and_val_and_are_balanced(dataset):
@@ -50,7 +52,7 @@ def test_fold_file_is_saved_reused_and_refused_when_it_does_not_match(dataset, t
     hand_edited.loc[hand_edited.subject == subject, "fold"] += 1  # a user's own assignment is kept...
     hand_edited.to_csv(path, index=False)
     again, _ = load_or_make_folds(dataset, 5, "grouped", 0, tmp_path)
-    assert again.equals(pd.read_csv(path))
+    assert again.equals(read_fold_table(path))
     table.iloc[2:].to_csv(path, index=False)  # ...but not one that misses videos
     with pytest.raises(FoldError, match="does not match"):
         load_or_make_folds(dataset, 5, "grouped", 0, tmp_path)

@@ -48,3 +48,34 @@ def test_predict_video_averages_overlapping_windows(tiny_root):
     assert pred[19, 1] == pytest.approx(7)
     full = predict_video(FrameEcho(), video, full_sequence=True)
     np.testing.assert_allclose(full[:, 1], np.arange(20))
+
+
+def test_the_presence_channel_marks_frames_with_a_face(tiny_root):
+    array = np.ones((20, 8), np.float32)
+    array[4:7] = np.nan  # no face in frames 5-7
+    np.save(tiny_root / "features" / "visual" / "a.npy", array)
+    video = open_dataset(tiny_root).videos["a"]
+    item = WindowDataset([video], ["visual", "audio"], window=32, hop=16, presence=True)[0]
+    assert item["visual"].shape == (32, 9) and item["audio"].shape == (32, 4)
+    presence = item["visual"][:, -1]
+    assert presence[:20].tolist() == [1.0] * 4 + [0.0] * 3 + [1.0] * 13
+    assert not presence[20:].any()  # padding has no face either
+    assert torch.all(item["visual"][4:7, :-1] == 0) and torch.all(item["audio"][:20, -1] == 1)
+
+
+class PresenceEcho(torch.nn.Module):
+    """Outputs the last input channel: with ``presence_channel`` set, the presence flag."""
+    modalities = ("visual",)
+    presence_channel = True
+
+    def forward(self, feats, mask):
+        return feats["visual"][..., -1:].expand(-1, -1, 2)
+
+
+def test_predict_video_gives_a_presence_model_its_channel(tiny_root):
+    array = np.ones((20, 8), np.float32)
+    array[10:] = np.nan
+    np.save(tiny_root / "features" / "visual" / "c.npy", array)
+    video = open_dataset(tiny_root).videos["c"]
+    pred = predict_video(PresenceEcho(), video, window=8, hop=5)
+    assert pred[:10, 0].tolist() == [1.0] * 10 and pred[10:, 0].tolist() == [0.0] * 10
