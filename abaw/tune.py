@@ -13,19 +13,24 @@ Storage (``--storage``): default a SQLite file in the study folder; a path endin
 shared filesystem; any SQLAlchemy URL, e.g. ``postgresql://user@host/db``, for workers on several
 machines. On RDB storages, workers send heartbeats: a killed worker's trial is marked failed after
 the grace period and retried (RetryFailedTrialCallback).
+
+Sampler seeds: the process that creates a study samples with the run's ``--seed`` (a fresh
+single-worker study is reproducible); every process that joins an existing one (a rerun, a second
+worker, the loser of a race to create it) draws a fresh seed, so it never replays the points the
+study has already tried. Each trial records its worker's seed in the ``sampler_seed`` user attribute.
 """
 from __future__ import annotations
 
 import math
 import os
 import random
-import time
+import secrets
 import shutil
+import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
-
-import warnings
+from typing import Any, NamedTuple
 
 import optuna
 import yaml
@@ -102,8 +107,9 @@ class Objective:
     """Mean validation CCC of one architecture over the chosen folds, reported per epoch."""
 
     def __init__(self, base: RunConfig, dataset: Dataset, arch: str, folds_used: list[int], study_dir: Path,
-                 folds_dir: str | Path = "folds"):
+                 folds_dir: str | Path = "folds", sampler_seed: int | None = None):
         self.base, self.dataset, self.arch, self.study_dir = base, dataset, arch, study_dir
+        self.sampler_seed = sampler_seed
         self.folds, _ = load_or_make_folds(dataset, base.folds, base.fold_mode, base.seed, folds_dir)
         available = fold_ids(self.folds)
         bad = [k for k in folds_used if k not in available]
@@ -114,6 +120,8 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         config = trial_config(self.base, trial, self.arch)
         trial.set_user_attr("config", asdict(config))  # exactly what this trial trained with
+        if self.sampler_seed is not None:  # with the config, where its parameters came from
+            trial.set_user_attr("sampler_seed", self.sampler_seed)
         trial_dir = self.study_dir / "trials" / f"{trial.number:04d}"
         scores = []
         try:
@@ -194,14 +202,48 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
     return saved
 
 
-def _create_or_join(study_name: str, storage: str | None, study_dir: Path, attempts: int = 5,
-                    **kwargs) -> optuna.Study:
-    """Create the study or join it. Workers starting together race to create the same tables and
-    study row; the loser sees an integrity error and simply joins on the next attempt."""
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+
+
+def fresh_seed() -> int:
+    """A seed from fresh entropy: a joining process must not replay the points of any other."""
+    return secrets.randbits(31)
+
+
+class OpenedStudy(NamedTuple):
+    study: optuna.Study
+    sampler_seed: int
+    created: bool  # by this process (then sampler_seed is the run's seed)
+
+
+def _load_or_create(study_name: str, storage: optuna.storages.BaseStorage, creator_seed: int,
+                    pruner: optuna.pruners.BasePruner) -> OpenedStudy:
+    """Join the study if it exists, else create it; only its creator samples with ``creator_seed``."""
+    def join() -> OpenedStudy:
+        seed = fresh_seed()
+        return OpenedStudy(optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(seed),
+                                             pruner=pruner), seed, created=False)
+
+    try:
+        return join()
+    except KeyError:  # no such study yet
+        pass
+    try:
+        return OpenedStudy(optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
+                                               sampler=make_sampler(creator_seed), pruner=pruner),
+                           creator_seed, created=True)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it first
+        return join()
+
+
+def _create_or_join(study_name: str, storage: str | None, study_dir: Path, creator_seed: int,
+                    pruner: optuna.pruners.BasePruner, attempts: int = 5) -> OpenedStudy:
+    """Create the study or join it (see :func:`_load_or_create`). Workers starting together race
+    to create the same tables; the loser sees an SQLAlchemy error and simply tries again."""
     for attempt in range(attempts):
         try:
-            return optuna.create_study(study_name=study_name, storage=make_storage(storage, study_dir),
-                                       direction="maximize", load_if_exists=True, **kwargs)
+            return _load_or_create(study_name, make_storage(storage, study_dir), creator_seed, pruner)
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy's IntegrityError/OperationalError, driver-specific
             if attempt == attempts - 1 or "sqlalchemy" not in type(exc).__module__:
                 raise
@@ -221,13 +263,11 @@ def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int,
     atomic_write_text(study_dir / "tune_config.yaml", yaml.safe_dump(
         {**asdict(base), "study": study_name, "storage": storage, "pruner": pruner, "tune_folds": tune_folds},
         sort_keys=False))
-    # Workers sharing a study must not sample the same points: seed each worker differently.
-    seed = base.seed if storage is None else base.seed + os.getpid()
-    study = _create_or_join(study_name, storage, study_dir,
-                            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
-                            pruner=make_pruner(pruner))
+    study, sampler_seed, created = _create_or_join(study_name, storage, study_dir, base.seed, make_pruner(pruner))
+    console.print(f"study {study_name!r} {'created' if created else 'joined'}: sampler seed {sampler_seed}",
+                  markup=False)
     study.set_user_attr("arch", arch)
-    objective = Objective(base, dataset, arch, tune_folds or [], study_dir, folds_dir)
+    objective = Objective(base, dataset, arch, tune_folds or [], study_dir, folds_dir, sampler_seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # n_trials is the study's total, shared by every worker, so a rerun or a second worker continues it.
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
