@@ -3,10 +3,13 @@
     python run_cv.py --tune --arch mamba_va --n-trials 40 --study mva        # SQLite in runs/mva/
     python run_cv.py --config runs/mva/best_config.yaml                       # final folds, best trial
 
-Objective: the mean validation CCC over the folds (or ``--tune-folds``, a subset). Every epoch of
-every fold reports an intermediate value at step ``fold_index * epochs + epoch``, so steps never
-collide and the pruner compares like with like. A trial that fails (NaN loss, out of memory, a bad
-config) is recorded as failed with its reason in the ``fail_reason`` user attribute; the study goes on.
+Objective: the mean over the folds (or ``--tune-folds``, a subset) of the CCC that chose each fold's
+epoch: the fold's validation CCC, or with ``--stop-split`` the stop split's, so that the OOF
+predictions of the best config chose neither its epochs nor its hyperparameters. Every epoch of
+every fold reports an intermediate value (on the same videos) at step ``fold_index * epochs + epoch``,
+so steps never collide and the pruner compares like with like. A trial that fails (NaN loss, out
+of memory, a bad config) is recorded as failed with its reason in the ``fail_reason`` user
+attribute; the study goes on.
 
 Storage (``--storage``): default a SQLite file in the study folder; a path ending in ``.log`` or
 ``.journal`` (or ``journal:PATH``) is a JournalFileBackend for several processes on one machine or a
@@ -103,8 +106,13 @@ def trial_config(base: RunConfig, trial: optuna.Trial, arch: str) -> RunConfig:
     return replace(base, arch=[arch], model=model, **training)
 
 
+def objective_name(config: RunConfig) -> str:
+    """What a trial's value is the mean of, over the folds (see :attr:`FoldResult.stop_ccc`)."""
+    return "mean stop-split CCC" if config.stop_split > 0 else "mean validation CCC"
+
+
 class Objective:
-    """Mean validation CCC of one architecture over the chosen folds, reported per epoch."""
+    """Mean over the chosen folds of one architecture's early-stopping CCC, reported per epoch."""
 
     def __init__(self, base: RunConfig, dataset: Dataset, arch: str, folds_used: list[int], study_dir: Path,
                  folds_dir: str | Path = "folds", sampler_seed: int | None = None):
@@ -136,7 +144,8 @@ class Objective:
                 result = trainer.run()
                 if result.status != "completed":
                     raise TrainingDiverged(result.error)
-                scores.append(result.mean)
+                # The CCC that chose the epoch: with a stop split, the fold's own videos choose nothing.
+                scores.append(result.stop_ccc)
         except TRIAL_FAILURES as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
             raise
@@ -144,8 +153,8 @@ class Objective:
             shutil.rmtree(trial_dir, ignore_errors=True)  # trial models are not kept: the final run trains them
         value = sum(scores) / len(scores)
         if not math.isfinite(value):
-            trial.set_user_attr("fail_reason", "validation CCC is not finite")
-            raise TrainingDiverged("validation CCC is not finite")
+            trial.set_user_attr("fail_reason", f"{objective_name(config)} is not finite")
+            raise TrainingDiverged(f"{objective_name(config)} is not finite")
         return value
 
 
@@ -158,7 +167,7 @@ def write_best_config(study: optuna.Study, base: RunConfig, arch: str, study_dir
     config = best_config(study, out=str(Path(base.out).parent / f"{study_dir.name}-best"))
     path = study_dir / "best_config.yaml"
     header = (f"# best trial {study.best_trial.number} of study {study.study_name!r}: "
-              f"mean validation CCC {study.best_value:.4f}\n"
+              f"{objective_name(config)} {study.best_value:.4f}\n"
               f"# train the final folds with: python run_cv.py --config {path}\n")
     atomic_write_text(path, header + yaml.safe_dump(asdict(config), sort_keys=False))
     return path

@@ -92,6 +92,20 @@ def test_a_new_study_samples_reproducibly_from_the_run_seed(small_root, tmp_path
     assert first["a"] == first["b"] != first["c"]
 
 
+def test_with_a_stop_split_the_objective_is_the_stop_split_ccc(small_root, tmp_path, monkeypatch):
+    dataset = open_dataset(small_root)
+    results = []
+    real_run = tune.FoldTrainer.run
+    monkeypatch.setattr(tune.FoldTrainer, "run", lambda self: results.append(real_run(self)) or results[-1])
+    config = base_config(tmp_path / "s", stop_split=0.2)
+    trial = study_of(config, dataset, "stop", 1, tmp_path, tune_folds=[0, 1]).trials[0]
+    reported = trial.intermediate_values  # per epoch, on the stop split; step = fold index * epochs + epoch
+    best_stop = [max(v for step, v in reported.items() if step // config.epochs == i) for i in (0, 1)]
+    assert [r.stop_ccc for r in results] == pytest.approx(best_stop)
+    assert trial.value == pytest.approx(sum(best_stop) / 2)
+    assert trial.value != pytest.approx(sum(r.mean for r in results) / 2)  # not the folds' own videos
+
+
 def tune_worker(root, storage, study, tmp_path, n_trials, env=None):
     args = [sys.executable, str(REPO / "run_cv.py"), "--data-root", str(root), "--tune", "--arch", "linear",
             "--study", study, "--storage", storage, "--n-trials", str(n_trials), "--folds", "3",
