@@ -48,6 +48,9 @@ class FoldResult:
     epochs_run: int = 0
     seconds: float = 0.0
     error: str = ""
+    # Best CCC on the videos that chose the epoch: the stop split's with stop_split > 0, else the
+    # fold's own (= mean). With a stop split this, not `mean`, is what tuning may select on.
+    stop_ccc: float = float("nan")
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -289,5 +292,6 @@ class FoldTrainer:
             _, holdout_preds = evaluate(model, self.holdout_videos, cfg, self.device)
             save_predictions(arch_dir / "holdout" / f"fold{self.fold}.csv", holdout_preds, self.holdout_videos,
                              labelled_only=False)
+        stop_ccc = state["best"] if cfg.stop_split > 0 else val["mean"]
         return FoldResult(self.arch, self.fold, "completed", val["valence"], val["arousal"], val["mean"],
-                          state["best_epoch"], state["epoch"])
+                          state["best_epoch"], state["epoch"], stop_ccc=stop_ccc)

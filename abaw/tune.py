@@ -3,29 +3,37 @@
     python run_cv.py --tune --arch mamba_va --n-trials 40 --study mva        # SQLite in runs/mva/
     python run_cv.py --config runs/mva/best_config.yaml                       # final folds, best trial
 
-Objective: the mean validation CCC over the folds (or ``--tune-folds``, a subset). Every epoch of
-every fold reports an intermediate value at step ``fold_index * epochs + epoch``, so steps never
-collide and the pruner compares like with like. A trial that fails (NaN loss, out of memory, a bad
-config) is recorded as failed with its reason in the ``fail_reason`` user attribute; the study goes on.
+Objective: the mean over the folds (or ``--tune-folds``, a subset) of the CCC that chose each fold's
+epoch: the fold's validation CCC, or with ``--stop-split`` the stop split's, so that the OOF
+predictions of the best config chose neither its epochs nor its hyperparameters. Every epoch of
+every fold reports an intermediate value (on the same videos) at step ``fold_index * epochs + epoch``,
+so steps never collide and the pruner compares like with like. A trial that fails (NaN loss, out
+of memory, a bad config) is recorded as failed with its reason in the ``fail_reason`` user
+attribute; the study goes on.
 
 Storage (``--storage``): default a SQLite file in the study folder; a path ending in ``.log`` or
 ``.journal`` (or ``journal:PATH``) is a JournalFileBackend for several processes on one machine or a
 shared filesystem; any SQLAlchemy URL, e.g. ``postgresql://user@host/db``, for workers on several
 machines. On RDB storages, workers send heartbeats: a killed worker's trial is marked failed after
 the grace period and retried (RetryFailedTrialCallback).
+
+Sampler seeds: the process that creates a study samples with the run's ``--seed`` (a fresh
+single-worker study is reproducible); every process that joins an existing one (a rerun, a second
+worker, the loser of a race to create it) draws a fresh seed, so it never replays the points the
+study has already tried. Each trial records its worker's seed in the ``sampler_seed`` user attribute.
 """
 from __future__ import annotations
 
 import math
 import os
 import random
-import time
+import secrets
 import shutil
+import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
-
-import warnings
+from typing import Any, NamedTuple
 
 import optuna
 import yaml
@@ -98,12 +106,18 @@ def trial_config(base: RunConfig, trial: optuna.Trial, arch: str) -> RunConfig:
     return replace(base, arch=[arch], model=model, **training)
 
 
+def objective_name(config: RunConfig) -> str:
+    """What a trial's value is the mean of, over the folds (see :attr:`FoldResult.stop_ccc`)."""
+    return "mean stop-split CCC" if config.stop_split > 0 else "mean validation CCC"
+
+
 class Objective:
-    """Mean validation CCC of one architecture over the chosen folds, reported per epoch."""
+    """Mean over the chosen folds of one architecture's early-stopping CCC, reported per epoch."""
 
     def __init__(self, base: RunConfig, dataset: Dataset, arch: str, folds_used: list[int], study_dir: Path,
-                 folds_dir: str | Path = "folds"):
+                 folds_dir: str | Path = "folds", sampler_seed: int | None = None):
         self.base, self.dataset, self.arch, self.study_dir = base, dataset, arch, study_dir
+        self.sampler_seed = sampler_seed
         self.folds, _ = load_or_make_folds(dataset, base.folds, base.fold_mode, base.seed, folds_dir)
         available = fold_ids(self.folds)
         bad = [k for k in folds_used if k not in available]
@@ -114,6 +128,8 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         config = trial_config(self.base, trial, self.arch)
         trial.set_user_attr("config", asdict(config))  # exactly what this trial trained with
+        if self.sampler_seed is not None:  # with the config, where its parameters came from
+            trial.set_user_attr("sampler_seed", self.sampler_seed)
         trial_dir = self.study_dir / "trials" / f"{trial.number:04d}"
         scores = []
         try:
@@ -128,7 +144,8 @@ class Objective:
                 result = trainer.run()
                 if result.status != "completed":
                     raise TrainingDiverged(result.error)
-                scores.append(result.mean)
+                # The CCC that chose the epoch: with a stop split, the fold's own videos choose nothing.
+                scores.append(result.stop_ccc)
         except TRIAL_FAILURES as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
             raise
@@ -136,8 +153,8 @@ class Objective:
             shutil.rmtree(trial_dir, ignore_errors=True)  # trial models are not kept: the final run trains them
         value = sum(scores) / len(scores)
         if not math.isfinite(value):
-            trial.set_user_attr("fail_reason", "validation CCC is not finite")
-            raise TrainingDiverged("validation CCC is not finite")
+            trial.set_user_attr("fail_reason", f"{objective_name(config)} is not finite")
+            raise TrainingDiverged(f"{objective_name(config)} is not finite")
         return value
 
 
@@ -150,7 +167,7 @@ def write_best_config(study: optuna.Study, base: RunConfig, arch: str, study_dir
     config = best_config(study, out=str(Path(base.out).parent / f"{study_dir.name}-best"))
     path = study_dir / "best_config.yaml"
     header = (f"# best trial {study.best_trial.number} of study {study.study_name!r}: "
-              f"mean validation CCC {study.best_value:.4f}\n"
+              f"{objective_name(config)} {study.best_value:.4f}\n"
               f"# train the final folds with: python run_cv.py --config {path}\n")
     atomic_write_text(path, header + yaml.safe_dump(asdict(config), sort_keys=False))
     return path
@@ -194,14 +211,48 @@ def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
     return saved
 
 
-def _create_or_join(study_name: str, storage: str | None, study_dir: Path, attempts: int = 5,
-                    **kwargs) -> optuna.Study:
-    """Create the study or join it. Workers starting together race to create the same tables and
-    study row; the loser sees an integrity error and simply joins on the next attempt."""
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+
+
+def fresh_seed() -> int:
+    """A seed from fresh entropy: a joining process must not replay the points of any other."""
+    return secrets.randbits(31)
+
+
+class OpenedStudy(NamedTuple):
+    study: optuna.Study
+    sampler_seed: int
+    created: bool  # by this process (then sampler_seed is the run's seed)
+
+
+def _load_or_create(study_name: str, storage: optuna.storages.BaseStorage, creator_seed: int,
+                    pruner: optuna.pruners.BasePruner) -> OpenedStudy:
+    """Join the study if it exists, else create it; only its creator samples with ``creator_seed``."""
+    def join() -> OpenedStudy:
+        seed = fresh_seed()
+        return OpenedStudy(optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(seed),
+                                             pruner=pruner), seed, created=False)
+
+    try:
+        return join()
+    except KeyError:  # no such study yet
+        pass
+    try:
+        return OpenedStudy(optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
+                                               sampler=make_sampler(creator_seed), pruner=pruner),
+                           creator_seed, created=True)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it first
+        return join()
+
+
+def _create_or_join(study_name: str, storage: str | None, study_dir: Path, creator_seed: int,
+                    pruner: optuna.pruners.BasePruner, attempts: int = 5) -> OpenedStudy:
+    """Create the study or join it (see :func:`_load_or_create`). Workers starting together race
+    to create the same tables; the loser sees an SQLAlchemy error and simply tries again."""
     for attempt in range(attempts):
         try:
-            return optuna.create_study(study_name=study_name, storage=make_storage(storage, study_dir),
-                                       direction="maximize", load_if_exists=True, **kwargs)
+            return _load_or_create(study_name, make_storage(storage, study_dir), creator_seed, pruner)
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy's IntegrityError/OperationalError, driver-specific
             if attempt == attempts - 1 or "sqlalchemy" not in type(exc).__module__:
                 raise
@@ -221,13 +272,11 @@ def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int,
     atomic_write_text(study_dir / "tune_config.yaml", yaml.safe_dump(
         {**asdict(base), "study": study_name, "storage": storage, "pruner": pruner, "tune_folds": tune_folds},
         sort_keys=False))
-    # Workers sharing a study must not sample the same points: seed each worker differently.
-    seed = base.seed if storage is None else base.seed + os.getpid()
-    study = _create_or_join(study_name, storage, study_dir,
-                            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
-                            pruner=make_pruner(pruner))
+    study, sampler_seed, created = _create_or_join(study_name, storage, study_dir, base.seed, make_pruner(pruner))
+    console.print(f"study {study_name!r} {'created' if created else 'joined'}: sampler seed {sampler_seed}",
+                  markup=False)
     study.set_user_attr("arch", arch)
-    objective = Objective(base, dataset, arch, tune_folds or [], study_dir, folds_dir)
+    objective = Objective(base, dataset, arch, tune_folds or [], study_dir, folds_dir, sampler_seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # n_trials is the study's total, shared by every worker, so a rerun or a second worker continues it.
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -1,5 +1,6 @@
 """Optuna studies: pruning, failures recorded with reasons, best config, shared storages, heartbeats."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,14 +69,41 @@ def test_study_prunes_records_failures_and_writes_best_config(small_root, tmp_pa
     assert not (tmp_path / "s" / "trials").exists() or not any((tmp_path / "s" / "trials").iterdir())
 
 
-def test_study_continues_to_its_total_on_rerun(small_root, tmp_path):
+def study_of(config, dataset, name, n_trials, tmp_path, **kw):
+    return tune.run_study(config, dataset, name, n_trials=n_trials, tune_folds=kw.pop("tune_folds", [0]),
+                          folds_dir=tmp_path / "folds", pruner="none", **kw)
+
+
+def test_a_rerun_continues_the_study_with_parameters_of_its_own(small_root, tmp_path):
     dataset = open_dataset(small_root)
-    config = base_config(tmp_path / "s", )
-    tune.run_study(config, dataset, "again", n_trials=2, tune_folds=[0], folds_dir=tmp_path / "folds",
-                   pruner="none")
-    study = tune.run_study(config, dataset, "again", n_trials=3, tune_folds=[0], folds_dir=tmp_path / "folds",
-                           pruner="none")
-    assert [t.number for t in study.trials] == [0, 1, 2]
+    config = base_config(tmp_path / "s", seed=7)
+    study_of(config, dataset, "again", 3, tmp_path)
+    study = study_of(config, dataset, "again", 6, tmp_path)  # same default SQLite study, same seed
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4, 5]
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6  # the rerun replays nothing
+    seeds = [t.user_attrs["sampler_seed"] for t in study.trials]
+    assert seeds[:3] == [7, 7, 7] and seeds[3] == seeds[4] == seeds[5] != 7  # creator, then the joiner
+
+
+def test_a_new_study_samples_reproducibly_from_the_run_seed(small_root, tmp_path):
+    dataset = open_dataset(small_root)
+    first = {name: study_of(base_config(tmp_path / name, seed=seed), dataset, name, 1, tmp_path).trials[0].params
+             for name, seed in (("a", 7), ("b", 7), ("c", 8))}
+    assert first["a"] == first["b"] != first["c"]
+
+
+def test_with_a_stop_split_the_objective_is_the_stop_split_ccc(small_root, tmp_path, monkeypatch):
+    dataset = open_dataset(small_root)
+    results = []
+    real_run = tune.FoldTrainer.run
+    monkeypatch.setattr(tune.FoldTrainer, "run", lambda self: results.append(real_run(self)) or results[-1])
+    config = base_config(tmp_path / "s", stop_split=0.2)
+    trial = study_of(config, dataset, "stop", 1, tmp_path, tune_folds=[0, 1]).trials[0]
+    reported = trial.intermediate_values  # per epoch, on the stop split; step = fold index * epochs + epoch
+    best_stop = [max(v for step, v in reported.items() if step // config.epochs == i) for i in (0, 1)]
+    assert [r.stop_ccc for r in results] == pytest.approx(best_stop)
+    assert trial.value == pytest.approx(sum(best_stop) / 2)
+    assert trial.value != pytest.approx(sum(r.mean for r in results) / 2)  # not the folds' own videos
 
 
 def tune_worker(root, storage, study, tmp_path, n_trials, env=None):
@@ -95,11 +123,19 @@ def check_shared_study(storage_url, study_name, n_trials, tmp_path):
     assert (tmp_path / study_name / "best_config.yaml").exists()
 
 
+def check_one_creator(outputs):
+    """Workers racing to open a new study: exactly one creates it, and each samples with its own seed."""
+    opened = [re.search(r"study '\w+' (created|joined): sampler seed (\d+)", out).groups() for out in outputs]
+    assert sorted(role for role, _ in opened) == ["created"] + ["joined"] * (len(outputs) - 1)
+    assert len({seed for _, seed in opened}) == len(outputs)
+
+
 def test_two_workers_share_a_journal_file(small_root, tmp_path):
     storage = str(tmp_path / "journal.log")
     workers = [tune_worker(small_root, storage, "shared", tmp_path, 4) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), [o[-3000:] for o in outputs]
+    check_one_creator(outputs)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     check_shared_study(JournalStorage(JournalFileBackend(storage)), "shared", 4, tmp_path)
@@ -117,6 +153,7 @@ def test_two_workers_share_a_postgres_study(small_root, tmp_path):
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), [o[-3000:] for o in outputs]
     check_shared_study(url, name, 4, tmp_path)
+    check_one_creator(outputs)
     study = optuna.load_study(study_name=name, storage=url)
     assert len({t.datetime_start for t in study.trials}) == len(study.trials)
 
