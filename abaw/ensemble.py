@@ -158,7 +158,9 @@ class WeightedCalibratedMerge(Merger):
     ``calibrate`` is False or the combination does not correlate positively with the labels.
 
     Fit it only on predictions of frames the members never trained on (OOF), and score it only
-    on frames it was not fitted on (:func:`nested_predict`, or a held-out validation set).
+    on frames it was not fitted on (:func:`nested_predict`, or a held-out validation set). OOF has
+    one fold model's prediction per frame, so apply it to members' fold predictions through
+    :func:`learned_merge_of_folds`, which restores the single-model spread the scale was fitted on.
     """
 
     def __init__(self, learn_weights: bool = True, calibrate: bool = True):
