@@ -345,7 +345,7 @@ def test_a_learned_submission_has_the_spread_of_the_predictor_the_report_scored(
     rows = _read_report(out / "report.csv")  # the report's test row scores what was written
     test_row = next(r for r in rows if r["model"] == f"{merge} over 2 members (of fold means)"
                     and r["scored_on"].startswith("test ground truth"))
-    assert test_row["mean"] == pytest.approx(rows[-1]["mean"], abs=2e-3)
+    assert test_row["mean"] == pytest.approx(rows[-1]["mean"], abs=5e-4)  # apart from clipping to [-1, 1]
 
 
 def _read_report(path):
