@@ -158,7 +158,9 @@ class WeightedCalibratedMerge(Merger):
     ``calibrate`` is False or the combination does not correlate positively with the labels.
 
     Fit it only on predictions of frames the members never trained on (OOF), and score it only
-    on frames it was not fitted on (:func:`nested_predict`, or a held-out validation set).
+    on frames it was not fitted on (:func:`nested_predict`, or a held-out validation set). OOF has
+    one fold model's prediction per frame, so apply it to members' fold predictions through
+    :func:`learned_merge_of_folds`, which restores the single-model spread the scale was fitted on.
     """
 
     def __init__(self, learn_weights: bool = True, calibrate: bool = True):
@@ -276,6 +278,64 @@ def stack_members(per_member: Sequence[Mapping[str, np.ndarray]]) -> dict[str, n
     return {v: np.stack([m[v] for m in per_member]) for v in videos}
 
 
+def _concatenated(by_video: Mapping[str, np.ndarray], videos: Sequence[str]) -> np.ndarray:
+    """video -> (..., T, 2) arrays as one float64 (..., N, 2) array, the videos' frames concatenated."""
+    return np.concatenate([np.asarray(by_video[v], np.float64) for v in videos], axis=-2)
+
+
+def spread_factor(weights: np.ndarray, fold_stacks: Sequence[np.ndarray], fold_merged: np.ndarray) -> np.ndarray:
+    """(2,): how much to stretch a weighted combination of fold-merged members so it has the spread
+    of the same combination of single fold models, per dimension.
+
+    ``weights``: (2, M) member weights; ``fold_stacks``: per member, its K_m fold models (K_m, N, 2);
+    ``fold_merged``: (M, N, 2) each member's fold merge; all over the same N finite frames.
+
+    Var(sum_m w_m x_m) = w' C w. For fold means, C's off-diagonal (member covariances) is the
+    average of the single fold models' covariances (covariance is bilinear), so only the diagonal
+    shrank: it becomes each member's variance pooled over its fold models. Stretching each member
+    to its single-model spread instead would also inflate the covariances and overshoot.
+    """
+    factor = np.ones(2)
+    for d in range(2):
+        merged_cov = np.atleast_2d(np.cov(fold_merged[:, :, d], bias=True))
+        single_cov = merged_cov.copy()
+        np.fill_diagonal(single_cov, [stack[:, :, d].var() for stack in fold_stacks])
+        merged_var, single_var = weights[d] @ merged_cov @ weights[d], weights[d] @ single_cov @ weights[d]
+        if merged_var > 1e-12:
+            factor[d] = np.sqrt(single_var / merged_var)
+    return factor
+
+
+def learned_merge_of_folds(merger: WeightedCalibratedMerge, fold_stacks: Sequence[Mapping[str, np.ndarray]],
+                           fold_merge: str = "mean") -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A fitted learned merge applied to members' fold predictions: what is submitted and what the
+    report scores on test or held-out data, so the two are one predictor.
+
+    ``fold_stacks``: per member, video -> (K_m, T, 2) fold predictions. Each member's folds are
+    merged by ``fold_merge``, the learned merge combines the members, and the result is stretched
+    about its mean by :func:`spread_factor`, per dimension, over all frames of all videos
+    concatenated (CCC is computed over the set concatenated). Why: the merge was fitted, and is
+    scored nested, on OOF, where one fold model predicts each frame; a fold merge varies less
+    (fold models disagree), so the fitted scale would shrink it, and CCC punishes shrinkage.
+    The factor uses no labels. Returns the merged predictions (over the videos every member
+    predicted) and the factor (2,).
+    """
+    check_is_fitted(merger)
+    members = stack_members([make_merger(fold_merge).predict(stack) for stack in fold_stacks])
+    merged = merger.predict(members)
+    videos = list(members)
+    singles = [_concatenated(stack, videos) for stack in fold_stacks]
+    fold_merged, combined = _concatenated(members, videos), _concatenated(merged, videos)
+    valid = np.isfinite(fold_merged).all(axis=(0, 2))
+    for single in singles:
+        valid &= np.isfinite(single).all(axis=(0, 2))
+    if valid.sum() < 2:
+        return merged, np.ones(2)
+    factor = spread_factor(merger.weights_, [s[:, valid] for s in singles], fold_merged[:, valid])
+    centre = combined[valid].mean(axis=0)
+    return {v: centre + (p - centre) * factor for v, p in merged.items()}, factor
+
+
 TEST_SOURCE = "test ground truth (demo)"
 HOLDOUT_SOURCE = "holdout validation"
 NOT_ON_OOF = "not scorable on OOF: each OOF frame has one fold model's prediction"
@@ -346,9 +406,12 @@ def ensemble_rows(members: Sequence[MemberPredictions], labels: Mapping, truth: 
                   fold_merges: Sequence[str] = FOLD_MERGES, learned: Sequence[str] = LEARNED_MERGES) -> list[dict]:
     """The cross-architecture mean and the learned merges, each on data it (and its models) never saw.
 
-    A learned merge combines the members' fold means. Where every run held the validation videos
-    out, it is fitted on all OOF and scored there; otherwise it is scored nested across the first
-    member's folds. On the demo it is also fitted on all OOF and scored on the test ground truth.
+    A learned merge is fitted on OOF, where one fold model predicts each frame. Where every run
+    held the validation videos out, it is fitted on all OOF and scored there; otherwise it is scored
+    nested across the first member's folds. On the demo it is also fitted on all OOF and scored on
+    the test ground truth. On held-out and test videos it combines the members' fold means through
+    :func:`learned_merge_of_folds`, the function the submission uses, so these rows score what is
+    submitted, at the spread of the single-model predictor that was fitted and scored nested.
     """
     rows = []
     all_holdout = all(m.holdout for m in members)
@@ -372,17 +435,24 @@ def ensemble_rows(members: Sequence[MemberPredictions], labels: Mapping, truth: 
     for name in learned:
         model = f"{name} over {size} (of fold means)"
         if all_holdout:
-            fitted = make_merger(name).fit(oof, labels)
-            held = stack_members([fold_merged(m, "mean", "holdout") for m in members])
-            rows.append(_scored(model, f"{HOLDOUT_SOURCE}; fitted on OOF", fitted.predict(held), labels))
+            held = fitted_on_oof_applied_to_folds(name, members, oof, labels, "holdout")
+            rows.append(_scored(model, f"{HOLDOUT_SOURCE}; fitted on OOF", held, labels))
         else:
             merged = nested_predict(make_merger(name), oof, labels, members[0].oof_fold)
             rows.append(_scored(f"{name} over {size}", "OOF, nested: fitted on the other folds' OOF", merged, labels))
         if truth is not None:
-            fitted = make_merger(name).fit(oof, labels)
-            test = stack_members([fold_merged(m, "mean") for m in members])
-            rows.append(_scored(model, f"{TEST_SOURCE}; fitted on OOF", fitted.predict(test), truth))
+            test = fitted_on_oof_applied_to_folds(name, members, oof, labels, "test")
+            rows.append(_scored(model, f"{TEST_SOURCE}; fitted on OOF", test, truth))
     return rows
+
+
+def fitted_on_oof_applied_to_folds(name: str, members: Sequence[MemberPredictions], oof: Mapping[str, np.ndarray],
+                                   labels: Mapping, which: str) -> dict[str, np.ndarray]:
+    """Learned merge ``name`` fitted on all OOF, applied to the members' ``which`` (test or holdout)
+    fold predictions by :func:`learned_merge_of_folds`, as the submission applies it."""
+    fitted = make_merger(name).fit(oof, labels)
+    stacks = [stack_folds(m.test if which == "test" else m.holdout, f"{m.label} {which} predictions") for m in members]
+    return learned_merge_of_folds(fitted, stacks)[0]
 
 
 def honest_report(members: Sequence[MemberPredictions], labels: Mapping[str, np.ndarray],

@@ -38,7 +38,8 @@ import numpy as np
 from . import __version__
 from .data import (INVALID_LABEL, SAMPLE_HEADER, DataError, Dataset, Problem, SampleFile, open_dataset,
                    parse_sample_file)
-from .ensemble import FOLD_MERGES, MERGERS, MeanMerge, honest_report, is_learned, make_merger, stack_members
+from .ensemble import (FOLD_MERGES, MERGERS, MeanMerge, honest_report, is_learned, learned_merge_of_folds,
+                       make_merger, stack_members)
 from .io import atomic_path, atomic_write_text
 from .metrics import score
 from .runs import MemberPredictions, Run, RunError, find_latest_demo_run, load_members, stack_folds
@@ -46,6 +47,8 @@ from .runs import MemberPredictions, Run, RunError, find_latest_demo_run, load_m
 SUBMISSION_FILE = "predictions.txt"
 PER_VIDEO_DIR = "predictions"
 HEADER_LINE = ",".join(SAMPLE_HEADER)
+SPREAD_RESTORED = ("the learned merge of the fold merges, stretched about its mean by factor (valence, arousal) "
+                   "to the spread the same merge has on single fold models, over all test frames; no labels used")
 
 
 class SubmissionExists(Exception):
@@ -68,22 +71,24 @@ def merge_test_predictions(members: Sequence[MemberPredictions], merge: str, lab
                            fold_merge: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Test predictions merged within each member across folds, then across members.
 
-    A learned member merge is fitted on the members' OOF predictions (frames no model trained on).
+    A learned member merge is fitted on the members' OOF predictions (frames no model trained on)
+    and applied by :func:`abaw.ensemble.learned_merge_of_folds`, which gives the merged fold
+    predictions the spread of the single-model predictor it was fitted on (and the report scored).
     Returns the predictions per video and a description of the merge for the manifest.
     """
     fold_name, member_name = resolve_merges(merge, fold_merge)
     if is_learned(fold_name):
         raise ValueError(f"a learned merge ({fold_name}) cannot merge folds: OOF has one fold model per frame")
-    per_member = [make_merger(fold_name).predict(stack_folds(m.test, f"{m.label} test predictions"))
-                  for m in members]
+    stacks = [stack_folds(m.test, f"{m.label} test predictions") for m in members]
     description: dict = {"fold_merge": fold_name, "member_merge": member_name}
     if is_learned(member_name):
         merger = make_merger(member_name).fit(stack_members([m.oof for m in members]), labels)
+        merged, factor = learned_merge_of_folds(merger, stacks, fold_name)
         description["learned"] = merger.describe()
+        description["spread_restored"] = {"factor": factor.round(6).tolist(), "how": SPREAD_RESTORED}
     else:
-        merger = MeanMerge()
-    merged = merger.predict(stack_members(per_member))
-    missing = sorted(set().union(*per_member) - set(merged))
+        merged = MeanMerge().predict(stack_members([make_merger(fold_name).predict(s) for s in stacks]))
+    missing = sorted(set().union(*stacks) - set(merged))
     if missing:
         raise RunError(f"test videos not predicted by every member: {missing[:5]}")
     return merged, description

@@ -8,7 +8,7 @@ from sklearn.exceptions import NotFittedError
 
 from abaw import ensemble
 from abaw.ensemble import (CCCCentering, MeanMerge, MedianMerge, WeightedCalibratedMerge, make_merger,
-                           nested_predict, score_videos)
+                           nested_predict, score_videos, stack_members)
 from abaw.metrics import EPS, ccc
 from abaw.runs import MemberPredictions, Run
 
@@ -175,6 +175,74 @@ def test_learned_merge_maximises_ccc_on_its_fitting_frames():
             for index in range(3):
                 if merger.weights_[d, index] + step >= 0:
                     assert perturbed("weights_", d, index, step) <= best[d] + 1e-12
+
+
+def members_of_fold_models(rng, folds=(5, 3), n_videos=12, t=400, noise=0.5):
+    """Labels and, per member, video -> (K_m, T, 2) fold models that disagree.
+
+    A member's fold models share its signal (the labels shrunk, plus the member's own error) and
+    each adds its own noise, so a fold mean varies less than one fold model.
+    """
+    labels, stacks = {}, [{} for _ in folds]
+    for i in range(n_videos):
+        y = np.tanh(np.cumsum(rng.normal(0, 0.15, size=(t, 2)), axis=0) * 0.5)
+        labels[f"v{i:02d}"] = y
+        for stack, k in zip(stacks, folds):
+            signal = 0.7 * y + rng.normal(0, 0.1, size=(t, 2))
+            stack[f"v{i:02d}"] = signal + rng.normal(0, noise, size=(k, t, 2))
+    return labels, stacks
+
+
+def fitted_on_single_fold_models(name, rng):
+    """``name`` fitted as on OOF: one fold model's prediction per frame and member."""
+    labels, stacks = members_of_fold_models(rng)
+    return make_merger(name).fit(stack_members([{v: s[v][0] for v in s} for s in stacks]), labels)
+
+
+def pooled_std(predictions):
+    return np.concatenate(list(predictions.values())).std(axis=0)
+
+
+@pytest.mark.parametrize("name", ensemble.LEARNED_MERGES)
+def test_a_learned_merge_of_fold_means_has_the_spread_of_the_merge_of_single_fold_models(name):
+    rng = np.random.default_rng(11)
+    merger = fitted_on_single_fold_models(name, rng)
+    _, stacks = members_of_fold_models(rng)  # new videos, as test videos are
+    # The predictor it was fitted as: single fold models, paired across members (K differ: 5 and 3).
+    single = pooled_std({(v, k): merger.predict(np.stack([s[v][k] for s in stacks])) for v in stacks[0] for k in range(3)})
+    merged, factor = ensemble.learned_merge_of_folds(merger, stacks)
+    np.testing.assert_allclose(pooled_std(merged), single, rtol=0.02)
+    fold_means = merger.predict(stack_members([MeanMerge().predict(s) for s in stacks]))
+    assert (pooled_std(fold_means) < 0.9 * single).all()  # what the merge of fold means alone gives
+    # Stretching each member to a single fold model's spread would also inflate their covariance:
+    each = []
+    for stack in stacks:
+        mean = MeanMerge().predict(stack)
+        ratio = np.concatenate([stack[v] for v in stack], axis=1).std(axis=(0, 1)) / pooled_std(mean)
+        centre = np.concatenate(list(mean.values())).mean(axis=0)
+        each.append({v: centre + (m - centre) * ratio for v, m in mean.items()})
+    assert (pooled_std(merger.predict(stack_members(each))) > 1.05 * single).all()
+    # The centre stays: only the spread changes.
+    np.testing.assert_allclose(np.concatenate(list(merged.values())).mean(axis=0),
+                               np.concatenate(list(fold_means.values())).mean(axis=0), atol=1e-12)
+    assert (factor > 1).all()
+
+
+def test_with_one_fold_model_per_member_nothing_is_stretched():
+    rng = np.random.default_rng(12)
+    merger = fitted_on_single_fold_models("weighted_calibrated", rng)
+    _, stacks = members_of_fold_models(rng, folds=(1, 1))
+    merged, factor = ensemble.learned_merge_of_folds(merger, stacks)
+    np.testing.assert_allclose(factor, 1.0, atol=1e-12)
+    expected = merger.predict(stack_members([{v: s[v][0] for v in s} for s in stacks]))
+    for video in expected:
+        np.testing.assert_allclose(merged[video], expected[video], atol=1e-12)
+
+
+def test_a_learned_merge_of_folds_must_be_fitted():
+    _, stacks = members_of_fold_models(np.random.default_rng(13), n_videos=1, t=20)
+    with pytest.raises(NotFittedError):
+        ensemble.learned_merge_of_folds(WeightedCalibratedMerge(), stacks)
 
 
 class SpyMerge(WeightedCalibratedMerge):

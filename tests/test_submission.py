@@ -14,10 +14,10 @@ import yaml
 
 from abaw import demo
 from abaw.data import open_dataset, parse_sample_file
-from abaw.ensemble import score_videos
+from abaw.ensemble import LEARNED_MERGES, fold_merged, make_merger, nested_predict, score_videos, stack_members
 from abaw.runs import Run, RunError, read_oof, read_predictions, write_predictions
-from abaw.submission import (SubmissionExists, carry_nearest, check_submission, main, read_submission,
-                             write_submission)
+from abaw.submission import (SubmissionExists, carry_nearest, check_submission, load_inputs, main, read_submission,
+                             sample_values, write_submission)
 
 TINY = demo.DemoSpec(n_train=6, n_val=4, n_test=3, max_frames=500)
 
@@ -308,6 +308,44 @@ def test_merged_submission_scores_at_least_the_mean_of_single_fold_models(groupe
     assert manifest["runs"][0]["config_hash"] == Run.open(grouped_run).config_hash
     if merge == "weighted_calibrated":
         assert manifest["merge"]["fold_merge"] == "mean" and len(manifest["merge"]["learned"]["weights"]) == 2
+
+
+def _labelled_std(predictions, labels):
+    """Per-dimension std of the predictions over all labelled frames of the videos, concatenated."""
+    values = np.concatenate([predictions[v] for v in predictions])
+    target = np.concatenate([labels[v] for v in predictions])
+    return values[(target != -5).all(axis=1) & np.isfinite(values).all(axis=1)].std(axis=0)
+
+
+@pytest.mark.parametrize("merge", LEARNED_MERGES)
+def test_a_learned_submission_has_the_spread_of_the_predictor_the_report_scored(grouped_run, tmp_path, merge):
+    """Issue #10: within 5% of the std of the nested OOF learned merge, per dimension.
+
+    The fold models of write_run disagree (independent noise), so a fold mean varies less than one
+    fold model; through the scale fitted on OOF (one fold model per frame) it comes out shrunk.
+    """
+    inputs = load_inputs([str(grouped_run)])
+    oof = stack_members([m.oof for m in inputs.members])
+    scored = _labelled_std(nested_predict(make_merger(merge), oof, inputs.labels, inputs.members[0].oof_fold),
+                           inputs.labels)
+    out = tmp_path / "sub"
+    assert main(["--runs", str(grouped_run), "--merge", merge, "--out", str(out), "--report"]) == 0
+    written = np.loadtxt(out / "predictions.txt", delimiter=",", skiprows=1, usecols=(1, 2))
+    assert np.abs(written.std(axis=0) / scored - 1).max() <= 0.05, written.std(axis=0) / scored
+
+    # The test can fail: the fold means through the same fitted merge (the submission before
+    # issue #10) fall short of the bound.
+    fitted = make_merger(merge).fit(oof, inputs.labels)
+    fold_means = fitted.predict(stack_members([fold_merged(m, "mean") for m in inputs.members]))
+    shrunk = sample_values(fold_means, inputs.dataset.sample)[0].std(axis=0) / scored
+    assert (shrunk < 0.95).all(), shrunk
+
+    restored = json.loads((out / "manifest.json").read_text())["merge"]["spread_restored"]
+    assert np.all(np.array(restored["factor"]) > 1) and "no labels" in restored["how"]
+    rows = _read_report(out / "report.csv")  # the report's test row scores what was written
+    test_row = next(r for r in rows if r["model"] == f"{merge} over 2 members (of fold means)"
+                    and r["scored_on"].startswith("test ground truth"))
+    assert test_row["mean"] == pytest.approx(rows[-1]["mean"], abs=5e-4)  # apart from clipping to [-1, 1]
 
 
 def _read_report(path):
