@@ -25,7 +25,7 @@ from scipy.optimize import nnls
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils.validation import check_is_fitted
 
-from .data import INVALID_LABEL
+from .data import valid_label_mask
 from .metrics import ccc, score
 from .runs import MemberPredictions, stack_folds
 
@@ -135,7 +135,7 @@ def frames_for_fit(X, y, mask=None) -> tuple[np.ndarray, np.ndarray]:
         mask = None if mask is None else np.concatenate([np.asarray(mask[v], bool) for v in videos])
     else:
         members, labels = as_stack(X), np.asarray(y, np.float64)
-    valid = (labels != INVALID_LABEL).all(axis=1) & np.isfinite(members).all(axis=(0, 2))
+    valid = valid_label_mask(labels) & np.isfinite(members).all(axis=(0, 2))
     if mask is not None:
         valid &= np.asarray(mask, bool)
     if valid.sum() < 2:
@@ -267,7 +267,7 @@ def score_videos(predictions: Mapping[str, np.ndarray], labels: Mapping[str, np.
     videos = list(predictions)
     pred = np.concatenate([_to_length(np.asarray(predictions[v], np.float64), len(labels[v])) for v in videos])
     target = np.concatenate([np.asarray(labels[v], np.float64) for v in videos])
-    valid = (target != INVALID_LABEL).all(axis=1) & np.isfinite(pred).all(axis=1)
+    valid = valid_label_mask(target) & np.isfinite(pred).all(axis=1)
     result = score(np.where(valid[:, None], pred, 0.0), target, valid)
     return {**result, "frames": int(valid.sum())}
 

@@ -29,7 +29,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .data import INVALID_LABEL, DataError
+from .data import DataError, valid_label_mask
 from .ensemble import HOLDOUT_SOURCE, TEST_SOURCE, honest_report, score_videos
 from .io import atomic_path
 from .metrics import score
@@ -338,7 +338,7 @@ def plot_best_and_worst(inputs: Inputs, per_video: pd.DataFrame, member: str | N
     fig = Figure(figsize=(12, 2.0 * len(chosen) + 0.6), layout="constrained")
     axes = fig.subplots(len(chosen), 2, sharey=True, squeeze=False)
     for row, video in zip(axes, chosen.itertuples()):
-        labels = np.where(inputs.labels[video.video] == INVALID_LABEL, np.nan, inputs.labels[video.video])
+        labels = np.where(valid_label_mask(inputs.labels[video.video])[:, None], inputs.labels[video.video], np.nan)
         frames = np.arange(1, len(labels) + 1)
         for d, ax in enumerate(row):
             ax.plot(frames, labels[:, d], color="black", lw=1, label="label")

@@ -8,7 +8,8 @@ frame i, for frames 1..n (n = the video's frame count, see README "Frame-count r
 Missing-frame rule: every listed frame gets a value. A frame without a (finite) prediction, e.g.
 beyond the end of the predictions or of the feature file, takes the prediction of the **nearest
 predicted frame of the same video** (the earlier one on a tie). A frame without a face has a
-prediction already: the models predict every frame (a frame without a face has zero-filled features and the model relies on its temporal context). A test
+prediction already: the models predict every frame (a frame without a face has zero-filled features,
+a presence channel of 0, and the model's temporal context). A test
 video without any prediction is an error, never filled. The manifest counts the carried frames.
 
 Output folder ``submissions/<name>/``: the prediction file(s), ``<name>.zip`` ready to upload,
@@ -36,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .data import (INVALID_LABEL, SAMPLE_HEADER, DataError, Dataset, Problem, SampleFile, open_dataset,
-                   parse_sample_file)
+from .data import (IMAGE_LOCATION_PATTERN, SAMPLE_HEADER, DataError, Dataset, Problem, SampleFile, open_dataset,
+                   parse_sample_file, valid_label_mask)
 from .ensemble import (FOLD_MERGES, MERGERS, MeanMerge, honest_report, is_learned, learned_merge_of_folds,
                        make_merger, stack_members)
 from .io import atomic_path, atomic_write_text
@@ -322,7 +323,7 @@ def read_submission(path: str | Path) -> dict[str, np.ndarray]:
     import pandas as pd
 
     table = pd.read_csv(path, dtype={"image_location": str}, keep_default_na=False, na_values=[""])
-    parts = table["image_location"].str.extract(r"^(?P<video>[^/\\]+)/(?P<frame>\d+)\.jpg$")
+    parts = table["image_location"].str.extract(IMAGE_LOCATION_PATTERN)
     table["video"], table["frame"] = parts["video"], parts["frame"].astype(int)
     out = {}
     for video, group in table.groupby("video", sort=False):
@@ -441,9 +442,10 @@ def load_inputs(run_paths: Sequence[str], test_sample: str | None = None) -> Inp
 def submission_score_row(values: np.ndarray, sample: SampleFile, truth: Mapping[str, np.ndarray], merge: str) -> dict:
     """The written values (clipped, frames carried) scored row by row against the demo's test labels."""
     target = np.array([truth[v][f - 1] for v, f in zip(sample.videos.tolist(), sample.frames.tolist())])
-    result = score(values, target, (target != INVALID_LABEL).all(axis=1))
+    labelled = valid_label_mask(target)
+    result = score(values, target, labelled)
     return {"model": f"submission ({merge})", "ccc_v": result["valence"], "ccc_a": result["arousal"],
-            "mean": result["mean"], "frames": int((target != INVALID_LABEL).all(axis=1).sum()),
+            "mean": result["mean"], "frames": int(labelled.sum()),
             "scored_on": "test ground truth (demo): the submission file's values"}
 
 
