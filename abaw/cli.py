@@ -31,7 +31,7 @@ def run_cv_parser() -> argparse.ArgumentParser:
     p.add_argument("--hop", type=int, help="hop between windows in frames (default 200)")
     p.add_argument("--presence", action=argparse.BooleanOptionalAction, default=None,
                    help="give the models a presence channel per modality, 1 where the frame has its feature "
-                        "(a face); default on")
+                        "(a face); default off (no gain measured on the demo)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--jobs", type=int, help="folds trained in parallel")
     p.add_argument("--seed", type=int)

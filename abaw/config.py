@@ -41,7 +41,8 @@ class RunConfig:
     seed: int = 0
     out: str = "runs/demo"
     full_sequence_predict: bool = False  # predict whole videos in one pass instead of windows
-    presence: bool = True  # one more input channel per modality: 1 where the frame has its feature (a face)
+    presence: bool = False  # one more input channel per modality, 1 where the frame has its feature (a face);
+                            # off by default: it measured no gain on the demo (README "Frames without a face")
 
     def __post_init__(self):
         problems = []

@@ -9,7 +9,7 @@ Missing-frame rule: every listed frame gets a value. A frame without a (finite) 
 beyond the end of the predictions or of the feature file, takes the prediction of the **nearest
 predicted frame of the same video** (the earlier one on a tie). A frame without a face has a
 prediction already: the models predict every frame (a frame without a face has zero-filled features,
-a presence channel of 0, and the model's temporal context). A test
+with ``presence`` a presence channel of 0, and the model's temporal context). A test
 video without any prediction is an error, never filled. The manifest counts the carried frames.
 
 Output folder ``submissions/<name>/``: the prediction file(s), ``<name>.zip`` ready to upload,

@@ -214,3 +214,15 @@ def test_stop_split_chooses_epochs_on_training_subjects_only(small_root, tmp_pat
     assert stop in evaluated and fold0 not in evaluated[:2]  # epochs 1-2 of fold 0 were judged on `stop`
     assert len(pd.read_csv(tmp_path / "run" / "linear" / "oof.csv")) == sum(
         v.label_mask.sum() for v in dataset.split("train", "val"))
+
+
+def test_a_presence_run_gives_the_model_one_more_channel_it_uses(small_root, tmp_path):
+    """Training and whole-video prediction both feed the channel (a width mismatch would fail the fold)."""
+    dataset = open_dataset(small_root)
+    config = RunConfig(arch=["linear"], folds=2, epochs=1, window=200, hop=200, presence=True,
+                       out=str(tmp_path / "run"))
+    assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
+    saved = torch.load(tmp_path / "run" / "linear" / "fold0" / "model.pt", weights_only=False)
+    assert saved["model_config"]["input_dim"] == dataset.modalities["visual"] + 1
+    assert saved["run_config"]["presence"] is True
+    assert saved["state_dict"]["head.weight"].shape == (2, dataset.modalities["visual"] + 1)
