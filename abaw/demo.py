@@ -25,6 +25,7 @@ import numpy as np
 from scipy.signal import lfilter
 
 from .data import INVALID_LABEL, LABEL_DIR, SPLIT_DIRS
+from .io import fsync_dir
 
 VERSION = 1
 LAG = 12  # frames between the face showing an emotion and the annotation following it
@@ -183,6 +184,7 @@ def generate(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
     (tmp / GROUND_TRUTH_NAME).write_text("\n".join(truth) + "\n")
     (tmp / ".complete").write_text(f"abaw demo v{VERSION} seed {spec.seed}\n")
     tmp.rename(root)
+    fsync_dir(root.parent)
     return root
 
 

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from abaw import demo
 from abaw.io import atomic_path, atomic_write_text
+from abaw.submission import _publish
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(),
                                 reason="names the synced descriptors through /proc/self/fd (Linux)")
@@ -58,3 +60,25 @@ def test_a_failed_write_syncs_and_publishes_nothing(tmp_path, disk_log):
         tmp.write_text("half")
         1 / 0
     assert disk_log == [] and target.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_published_submission_folder_is_synced_before_the_old_one_goes(tmp_path, disk_log, overwrite):
+    staging, out_dir = tmp_path / ".sub.staging", tmp_path / "sub"
+    staging.mkdir()
+    (staging / "submission.txt").write_text("new")
+    if overwrite:
+        out_dir.mkdir()
+        (out_dir / "submission.txt").write_text("old")
+    _publish(staging, out_dir, overwrite)
+    moved = disk_log.index(("rename", os.path.realpath(staging), os.path.realpath(out_dir)))
+    assert disk_log[moved + 1] == ("fsync", os.path.realpath(tmp_path), None)
+    assert [event[0] for event in disk_log[moved + 2:]] == (["rmtree"] if overwrite else [])
+    assert (out_dir / "submission.txt").read_text() == "new" and os.listdir(tmp_path) == ["sub"]
+
+
+def test_the_demo_folder_is_synced_after_its_rename(tmp_path, disk_log):
+    root = demo.generate(tmp_path / "root", demo.DemoSpec(n_train=3, n_val=1, n_test=1, max_frames=400))
+    (kind, _, dst), last = disk_log[-2:]
+    assert (kind, dst) == ("rename", os.path.realpath(root))
+    assert last == ("fsync", os.path.realpath(tmp_path), None)
