@@ -147,6 +147,26 @@ class CheckpointMismatch(RuntimeError):
     """A fold folder's ``model.pt`` is not the best epoch its ``last.pt`` names, and cannot be repaired."""
 
 
+def _rng_state(device: torch.device) -> dict:
+    """The random streams training draws from (dropout): the CPU generator's, and on a GPU its device's.
+
+    Only the fold's own GPU: the fold may resume on another GPU of the pool, which then continues
+    this stream. numpy and Python's ``random`` are not stored: once seeded, training draws nothing
+    from them (the loader shuffles with its own generator, seeded per epoch)."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(saved: dict, device: torch.device) -> None:
+    """Restore what applies on ``device``: a GPU stream only on a GPU (a CPU fold never draws from one),
+    and none for a checkpoint made on a CPU (the GPU generator keeps its seed)."""
+    torch.set_rng_state(saved["rng"].cpu())  # .cpu(): torch.load's map_location moves it to the GPU
+    if device.type == "cuda" and "cuda_rng" in saved:
+        torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+
+
 class FoldTrainer:
     """Trains ``arch`` on every train+val video outside ``fold``, validating on the fold."""
 
@@ -205,7 +225,7 @@ class FoldTrainer:
     def _save_checkpoint(self, model, optimizer, scheduler, state: dict) -> None:
         atomic_torch_save(self.out / "last.pt", {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(), "state": state})
+            **_rng_state(self.device), "state": state})
 
     def _save_best(self, model, epoch: int) -> None:
         atomic_torch_save(self.out / "model.pt", {
@@ -221,7 +241,7 @@ class FoldTrainer:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
+        _restore_rng(saved, self.device)
         state = saved["state"]
         self._repair_best(model, state)
         self._write_history(state)  # a kill may have come before the epoch's history.csv

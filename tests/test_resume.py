@@ -1,7 +1,7 @@
 """A fold killed between any two of its file writes resumes to what an unbroken run writes.
 
 last.pt is the fold's commit point: model.pt (the best epoch's weights) never runs ahead of it, and a
-resume repairs model.pt and history.csv from it.
+resume repairs model.pt and history.csv from it. The random streams training draws from are in it.
 """
 import json
 import re
@@ -176,3 +176,62 @@ def test_a_model_pt_that_last_pt_cannot_repair_is_a_clear_error(clean, tmp_path)
             f"{fold}: last.pt resumes after epoch 2 with epoch 1 as the best, but model.pt holds nothing "
             f"(missing); delete {fold} to train this fold again")):
         train_fold(clean, tmp_path)
+
+
+# The GPU random stream, tested with CUDA's calls faked: the CPU path never touches CUDA.
+
+def fake_cuda_rng(monkeypatch) -> list:
+    """CUDA's RNG calls, recorded; getting a stream returns [7, 7]."""
+    calls = []
+
+    def get_rng_state(device):
+        calls.append(("get", device))
+        return torch.tensor([7, 7], dtype=torch.uint8)
+
+    def set_rng_state(state, device):
+        calls.append(("set", state.tolist(), device))
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    return calls
+
+
+def tiny_optimisation():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def test_a_gpu_fold_checkpoints_the_random_stream_of_its_own_gpu(clean, tmp_path, monkeypatch):
+    calls = fake_cuda_rng(monkeypatch)
+    trainer = train.FoldTrainer(clean.config, "tcn", 0, clean.dataset, clean.folds, tmp_path,
+                                device=torch.device("cuda", 1))
+    trainer._save_checkpoint(*tiny_optimisation(), {"epoch": 1})
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert calls == [("get", torch.device("cuda", 1))] and saved["cuda_rng"].tolist() == [7, 7]
+    assert torch.equal(saved["rng"], torch.get_rng_state())
+
+
+def test_a_cpu_fold_checkpoints_only_the_cpu_stream(monkeypatch):
+    calls = fake_cuda_rng(monkeypatch)
+    assert set(train._rng_state(torch.device("cpu"))) == {"rng"} and calls == []
+
+
+def test_a_gpu_checkpoint_resumes_its_stream_on_the_gpu_the_fold_has_now(monkeypatch):
+    calls = fake_cuda_rng(monkeypatch)
+    cpu = torch.manual_seed(5).get_state()
+    torch.manual_seed(6)
+    train._restore_rng({"rng": cpu, "cuda_rng": torch.tensor([3, 4], dtype=torch.uint8)}, torch.device("cuda", 0))
+    assert calls == [("set", [3, 4], torch.device("cuda", 0))]  # saved on cuda:1 above; the pool gave cuda:0
+    assert torch.equal(torch.get_rng_state(), cpu)
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_a_checkpoint_resumed_on_the_other_kind_of_device_restores_the_cpu_stream_only(monkeypatch, saved_on,
+                                                                                        resumed_on):
+    calls = fake_cuda_rng(monkeypatch)
+    cpu = torch.manual_seed(5).get_state()
+    saved = {"rng": cpu, **({"cuda_rng": torch.tensor([3, 4], dtype=torch.uint8)} if saved_on == "cuda" else {})}
+    torch.manual_seed(6)
+    train._restore_rng(saved, torch.device(resumed_on))
+    assert calls == [] and torch.equal(torch.get_rng_state(), cpu)
