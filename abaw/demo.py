@@ -39,6 +39,7 @@ import numpy as np
 from scipy.signal import lfilter
 
 from .data import INVALID_LABEL, LABEL_DIR, SPLIT_DIRS, fps_from_name, image_location
+from .io import fsync_dir
 
 VERSION = 2
 LAG = 12  # frames (at 30 fps) between the face showing an emotion and the annotation following it
@@ -267,6 +268,7 @@ def generate(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
     (tmp / GROUND_TRUTH_NAME).write_text("\n".join(truth) + "\n")
     (tmp / ".complete").write_text(f"abaw demo v{VERSION} seed {spec.seed}\n")
     tmp.rename(root)
+    fsync_dir(root.parent)
     return root
 
 

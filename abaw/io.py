@@ -1,4 +1,8 @@
-"""Atomic file writes: a crash or a kill leaves either the old file or the new one, never half of one."""
+"""Atomic file writes: a crash or a kill leaves either the old file or the new one, never half of one.
+
+A kill alone needs only the rename; a crash of the machine (power, kernel) also needs the data on
+disk before the rename and the rename itself on disk after it, hence the two fsyncs.
+"""
 from __future__ import annotations
 
 import json
@@ -11,7 +15,7 @@ from typing import Any, Iterator
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed over ``path``."""
+    """Yield a temporary path beside ``path``; on success it is synced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -19,10 +23,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield Path(tmp)
+        fsync_file(tmp)  # else a crash after the rename may publish a name with no data behind it
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to disk (the writer may have closed it without syncing)."""
+    fd = os.open(path, os.O_RDWR)  # read-write: Windows refuses to flush a read-only handle
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush folder ``path``'s entries to disk, so that a rename into it survives a crash.
+
+    A no-op where folders cannot be opened (Windows, which has no ``O_DIRECTORY``)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

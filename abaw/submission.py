@@ -41,7 +41,7 @@ from .data import (IMAGE_LOCATION_PATTERN, SAMPLE_HEADER, DataError, Dataset, Pr
                    parse_sample_file, valid_label_mask)
 from .ensemble import (FOLD_MERGES, MERGERS, MeanMerge, honest_report, is_learned, learned_merge_of_folds,
                        make_merger, stack_members)
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, fsync_dir
 from .metrics import score
 from .runs import MemberPredictions, Run, RunError, find_latest_demo_run, load_members, stack_folds
 
@@ -172,9 +172,11 @@ def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
         retired = out_dir.with_name(f".{out_dir.name}.replaced-{uuid.uuid4().hex[:8]}")
         out_dir.rename(retired)
         staging.rename(out_dir)
+        fsync_dir(out_dir.parent)  # the new submission is on disk before the old one goes
         shutil.rmtree(retired)
     else:
         staging.rename(out_dir)
+        fsync_dir(out_dir.parent)
 
 
 def _write_per_video(folder: Path, predictions: Mapping[str, np.ndarray], n_frames: Mapping[str, int],

@@ -148,6 +148,30 @@ def split_by_subject(videos: list[VideoRecord], share: float, seed: int) -> tupl
     return [v for v in videos if v.subject not in held], [v for v in videos if v.subject in held]
 
 
+class CheckpointMismatch(RuntimeError):
+    """A fold folder's ``model.pt`` is not the best epoch its ``last.pt`` names, and cannot be repaired."""
+
+
+def _rng_state(device: torch.device) -> dict:
+    """The random streams training draws from (dropout): the CPU generator's, and on a GPU its device's.
+
+    Only the fold's own GPU: the fold may resume on another GPU of the pool, which then continues
+    this stream. numpy and Python's ``random`` are not stored: once seeded, training draws nothing
+    from them (the loader shuffles with its own generator, seeded per epoch)."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(saved: dict, device: torch.device) -> None:
+    """Restore what applies on ``device``: a GPU stream only on a GPU (a CPU fold never draws from one),
+    and none for a checkpoint made on a CPU (the GPU generator keeps its seed)."""
+    torch.set_rng_state(saved["rng"].cpu())  # .cpu(): torch.load's map_location moves it to the GPU
+    if device.type == "cuda" and "cuda_rng" in saved:
+        torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+
+
 class FoldTrainer:
     """Trains ``arch`` on every train+val video outside ``fold``, validating on the fold."""
 
@@ -203,6 +227,44 @@ class FoldTrainer:
         self._emit(kind="done", result=asdict(result))
         return result
 
+    def _save_checkpoint(self, model, optimizer, scheduler, state: dict) -> None:
+        atomic_torch_save(self.out / "last.pt", {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            **_rng_state(self.device), "state": state})
+
+    def _save_best(self, model, epoch: int) -> None:
+        atomic_torch_save(self.out / "model.pt", {
+            "arch": self.arch, "model_config": asdict(model.config), "run_config": asdict(self.config),
+            "fold": self.fold, "epoch": epoch, "state_dict": model.state_dict()})
+
+    def _write_history(self, state: dict) -> None:
+        atomic_write_text(self.out / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
+
+    def _resume(self, model, optimizer, scheduler) -> dict:
+        """Load last.pt, the fold's commit point, and bring model.pt and history.csv in line with it."""
+        saved = torch.load(self.out / "last.pt", map_location=self.device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        _restore_rng(saved, self.device)
+        state = saved["state"]
+        self._repair_best(model, state)
+        self._write_history(state)  # a kill may have come before the epoch's history.csv
+        return state
+
+    def _repair_best(self, model, state: dict) -> None:
+        """Rewrite model.pt from last.pt's weights (``model`` holds them) if a kill fell between the two."""
+        path = self.out / "model.pt"
+        saved_epoch = torch.load(path, map_location="cpu", weights_only=False)["epoch"] if path.exists() else None
+        if saved_epoch == state["best_epoch"]:
+            return
+        if state["best_epoch"] != state["epoch"]:  # the best weights are in neither file
+            held = f"epoch {saved_epoch}" if saved_epoch is not None else "nothing (missing)"
+            raise CheckpointMismatch(
+                f"{self.out}: last.pt resumes after epoch {state['epoch']} with epoch {state['best_epoch']} as "
+                f"the best, but model.pt holds {held}; delete {self.out} to train this fold again")
+        self._save_best(model, state["epoch"])
+
     def _train(self) -> FoldResult:
         cfg = self.config
         seed_everything(self.seed)
@@ -216,14 +278,8 @@ class FoldTrainer:
             optimizer, _lr_lambda(cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch))
         state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
 
-        checkpoint = self.out / "last.pt"
-        if checkpoint.exists():  # resume an interrupted fold from its last finished epoch
-            saved = torch.load(checkpoint, map_location=self.device, weights_only=False)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            torch.set_rng_state(saved["rng"])
-            state = saved["state"]
+        if (self.out / "last.pt").exists():  # resume an interrupted fold from its last finished epoch
+            state = self._resume(model, optimizer, scheduler)
             self._emit(kind="resumed", epoch=state["epoch"])
 
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
@@ -260,17 +316,17 @@ class FoldTrainer:
                                      "val_ccc_v": val["valence"], "val_ccc_a": val["arousal"],
                                      "val_ccc": val["mean"], "lr": scheduler.get_last_lr()[0],
                                      "seconds": round(time.time() - tic, 2)})
-            if val["mean"] > state["best"]:
+            improved = val["mean"] > state["best"]
+            if improved:
                 state.update(best=val["mean"], best_epoch=epoch + 1, bad_epochs=0)
-                atomic_torch_save(self.out / "model.pt", {
-                    "arch": self.arch, "model_config": asdict(model.config), "run_config": asdict(cfg),
-                    "fold": self.fold, "epoch": epoch + 1, "state_dict": model.state_dict()})
             else:
                 state["bad_epochs"] += 1
-            atomic_write_text(self.out / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
-            atomic_torch_save(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                                           "state": state})
+            # last.pt first: it commits the epoch. It holds this epoch's weights, so a kill before
+            # model.pt is written is repaired on resume (_repair_best); model.pt never runs ahead of it.
+            self._save_checkpoint(model, optimizer, scheduler, state)
+            if improved:
+                self._save_best(model, epoch + 1)
+            self._write_history(state)
             self._emit(kind="epoch", epoch=epoch + 1, val=val["mean"], best=state["best"])
             if self.epoch_callback is not None:
                 self.epoch_callback(epoch, val["mean"])
