@@ -55,7 +55,8 @@ def prepare_run_dir(config: RunConfig) -> RunConfig:
     path = out / "config.yaml"
     new = asdict(config)
     if path.exists():
-        old = yaml.safe_load(path.read_text()) or {}
+        # An option a run's config.yaml lacks was added later; the run had its default.
+        old = {**asdict(RunConfig()), **(yaml.safe_load(path.read_text()) or {})}
         changed = {k: (old.get(k), v) for k, v in new.items() if k not in RESUMABLE_KEYS and old.get(k) != v}
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
@@ -67,13 +68,12 @@ def prepare_run_dir(config: RunConfig) -> RunConfig:
     return RunConfig(**new)
 
 
-def keep_run_folds(path: Path, folds: pd.DataFrame) -> None:
-    """Save the run's fold table; a resumed run must use the very table it was started with.
+def check_run_folds(path: Path, folds: pd.DataFrame) -> None:
+    """A resumed run must use the very fold table it was started with (``path``, if it exists).
 
     Finished folds were trained and OOF-scored under the saved table: continuing under another one
     (another subject rule or subject file, another data root) would mix two fold assignments."""
     if not path.exists():
-        atomic_write_text(path, folds.to_csv(index=False))
         return
     changes = fold_table_changes(read_fold_table(path), folds)
     if changes:
@@ -246,10 +246,12 @@ def check_archs(archs: list[str]) -> None:
 def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds") -> int:
     """Train every pending (arch, fold) of the run; returns 0 when every fold completed."""
     check_archs(config.arch)
-    run_config = prepare_run_dir(config)
     out = Path(config.out)
     folds, folds_file = load_or_make_folds(dataset, config.folds, config.fold_mode, config.seed, folds_dir)
-    keep_run_folds(out / "folds.csv", folds)
+    check_run_folds(out / "folds.csv", folds)  # before anything in the run folder is written
+    run_config = prepare_run_dir(config)
+    if not (out / "folds.csv").exists():
+        atomic_write_text(out / "folds.csv", folds.to_csv(index=False))
     ids = fold_ids(folds)
     tasks = [(a, k) for a in config.arch for k in ids if not is_complete(out / a / f"fold{k}")]
     done = len(config.arch) * len(ids) - len(tasks)

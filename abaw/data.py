@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from .io import text_lines
+from .metrics import INVALID_LABEL, valid_label_mask  # noqa: F401 - re-exported: the data layer's fact too
 from .subjects import SubjectRule, read_subject_file
 
 LABEL_DIR = "VA_Estimation_Challenge"
 SPLIT_DIRS = {"train": "Train_Set", "val": "Validation_Set"}
 LABEL_HEADER = ["valence", "arousal"]
 SAMPLE_HEADER = ["image_location", "valence", "arousal"]
-INVALID_LABEL = -5.0
 TEST_LIST_PATTERNS = ("*test_set_release*.txt", "*VA*test*list*.txt")
 TEST_SAMPLE_PATTERNS = ("*test_set_sample*.txt", "*test_set_example*.txt", "*VA*test*sample*.txt")
 FEATURE_DTYPES = (np.float16, np.float32, np.float64)
@@ -53,11 +53,6 @@ _IMAGE_RE = re.compile(IMAGE_LOCATION_PATTERN)
 def image_location(video: str, frame: int) -> str:
     """``video/00001.jpg`` for 1-based ``frame``, as the release's crops and the sample file name it."""
     return f"{video}/{frame:05d}.jpg"
-
-
-def valid_label_mask(labels: np.ndarray) -> np.ndarray:
-    """(..., 2) labels -> (...,) True where both values are labels, not the -5 "no label" marker."""
-    return (np.asarray(labels) != INVALID_LABEL).all(axis=-1)
 
 
 class DataError(Exception):
@@ -367,8 +362,9 @@ def read_test_videos(root: Path, label_files: dict[str, Path], test_list: str | 
                      test_sample: str | Path | None) -> tuple[dict[str, VideoRecord], SampleFile | None, list[Problem]]:
     """Test videos from the test list (or, without one, the sample file), and the sample file.
 
-    A test video's frame count is its last frame in the sample file; 0 (unknown yet) when the
-    sample does not list it, and :func:`attach_features` takes it from its feature files.
+    A test video's frame count is its last frame in the sample file. Without a sample file it is
+    0 (unknown yet) and :func:`attach_features` takes it from the feature files; a listed video
+    that a sample file leaves out is a problem (it could be neither counted nor submitted).
     """
     problems: list[Problem] = []
     list_path = find_one(root, TEST_LIST_PATTERNS, "test video list", test_list)
@@ -395,6 +391,9 @@ def read_test_videos(root: Path, label_files: dict[str, Path], test_list: str | 
         if name in label_files:
             problems.append(Problem(list_path or root, f"test video {name!r} also has labels in {label_files[name]}"))
             continue
+        if sample is not None and name not in frames:
+            problems.append(Problem(sample.path, f"test video {name!r} (in {list_path}) has no rows in the sample "
+                                                 f"file, so its frames can be neither counted nor submitted"))
         videos[name] = VideoRecord(name, "", "test", frames.get(name, 0), None)
     return videos, sample, problems
 
@@ -471,6 +470,13 @@ def feature_dims(root: Path, modalities: list[str] | None, expected_dims: dict[s
     return {m: dims.get(m) for m in wanted}
 
 
+def _most_common(counts) -> int:
+    """The row count most modalities agree on (the smallest on a tie), so one file at another rate
+    is the one reported, not the others; 0 for no counts."""
+    counts = sorted(counts)
+    return max(counts, key=counts.count) if counts else 0
+
+
 def attach_features(root: Path, videos: dict[str, VideoRecord], dims: dict[str, int | None],
                     tolerance: int = FRAME_TOLERANCE) -> tuple[list[Alignment], list[Problem]]:
     """Check every video's feature files (headers only) and match their rows to its frame count."""
@@ -489,8 +495,8 @@ def attach_features(root: Path, videos: dict[str, VideoRecord], dims: dict[str, 
                 rows_of[video.name][modality] = rows
     alignments: list[Alignment] = []
     for video in videos.values():
-        if video.split == "test" and video.n_frames == 0:  # not in the sample file: the features say
-            video.n_frames = max(rows_of[video.name].values(), default=0)
+        if video.split == "test" and video.n_frames == 0:  # no sample file: the features say
+            video.n_frames = _most_common(rows_of[video.name].values())
             if video.n_frames == 0:
                 problems.append(Problem(root, f"test video {video.name!r} has no frames: no sample rows and no features"))
         if video.n_frames == 0:  # reported already (an empty annotation file, or the line above)

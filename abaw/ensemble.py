@@ -25,8 +25,7 @@ from scipy.optimize import nnls
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils.validation import check_is_fitted
 
-from .data import valid_label_mask
-from .metrics import ccc, score
+from .metrics import ccc, score, valid_label_mask
 from .runs import MemberPredictions, stack_folds
 
 AGREEMENT_FLOOR = 1e-6  # CCC centering: below this summed agreement, the weighted level is meaningless
@@ -291,9 +290,12 @@ def spread_factor(weights: np.ndarray, fold_stacks: Sequence[np.ndarray], fold_m
     ``fold_merged``: (M, N, 2) each member's fold merge; all over the same N finite frames.
 
     Var(sum_m w_m x_m) = w' C w. For fold means, C's off-diagonal (member covariances) is the
-    average of the single fold models' covariances (covariance is bilinear), so only the diagonal
-    shrank: it becomes each member's variance pooled over its fold models. Stretching each member
-    to its single-model spread instead would also inflate the covariances and overshoot.
+    average of the single fold models' covariances over all pairs of folds (covariance is
+    bilinear), so only the diagonal shrank: it becomes each member's variance pooled over its fold
+    models. Stretching each member to its single-model spread instead would also inflate the
+    covariances and overshoot. The correction is approximate: in OOF one frame's members come from
+    fold models that trained on the same videos, whose errors covary more than those of the average
+    pair; and a median or CCC-centering fold merge is only close to the mean the argument assumes.
     """
     factor = np.ones(2)
     for d in range(2):

@@ -5,6 +5,7 @@ disk before the rename and the rename itself on disk after it, hence the two fsy
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -43,12 +44,17 @@ def fsync_file(path: str | Path) -> None:
 def fsync_dir(path: str | Path) -> None:
     """Flush folder ``path``'s entries to disk, so that a rename into it survives a crash.
 
-    A no-op where folders cannot be opened (Windows, which has no ``O_DIRECTORY``)."""
+    A no-op where folders cannot be opened (Windows, which has no ``O_DIRECTORY``) or synced (some
+    network and FUSE filesystems refuse with EINVAL/ENOTSUP): the rename itself has happened, and
+    failing the caller then would lose a finished result for a durability the filesystem cannot give."""
     if not hasattr(os, "O_DIRECTORY"):
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

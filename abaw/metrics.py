@@ -20,6 +20,12 @@ from typing import Any
 import numpy as np
 
 EPS = 1e-8  # keeps CCC finite for constant inputs; far below any real variance
+INVALID_LABEL = -5.0  # the annotation files' "no label" marker (either column)
+
+
+def valid_label_mask(labels: np.ndarray) -> np.ndarray:
+    """(..., 2) labels -> (...,) True where both values are labels, not the -5 "no label" marker."""
+    return (np.asarray(labels) != INVALID_LABEL).all(axis=-1)
 
 
 def ccc(pred: Any, target: Any, mask: Any = None) -> Any:
@@ -76,6 +82,6 @@ def score(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) 
     pred = np.asarray(pred, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     if mask is None:
-        mask = (target != -5).all(axis=1)
+        mask = valid_label_mask(target)
     v, a = ccc(pred, target, np.asarray(mask, dtype=bool))
     return {"valence": float(v), "arousal": float(a), "mean": float((v + a) / 2)}

@@ -29,10 +29,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .data import DataError, valid_label_mask
+from .data import DataError
 from .ensemble import HOLDOUT_SOURCE, TEST_SOURCE, honest_report, score_videos
 from .io import atomic_path
-from .metrics import score
+from .metrics import score, valid_label_mask
 from .runs import MemberPredictions, Run, RunError, find_latest_demo_run, stack_folds
 from .submission import REPORT_COLUMNS, Inputs, load_inputs
 

@@ -27,7 +27,6 @@ video missing from the file is an error that names it); test videos it does not 
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -84,20 +83,15 @@ class SubjectRule:
         return sorted(v for v in videos if v not in self.explicit)
 
 
-def grouping_digest(subject_of: Mapping[str, str]) -> str:
-    """A short hash of a video -> subject grouping; it changes whenever any video changes subject."""
-    text = "\n".join(f"{video}:{subject_of[video]}" for video in sorted(subject_of))
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
 def read_subject_file(path: str | Path) -> tuple[SubjectRule, list[SubjectProblem]]:
     """Parse a ``video,subject`` CSV into a :class:`SubjectRule`, collecting every problem by line."""
     path = Path(path)
     if not path.is_file():
         return SubjectRule(source=path), [SubjectProblem("subject file not found")]
     lines = text_lines(path)
-    if not lines:
-        return SubjectRule(source=path), [SubjectProblem("empty subject file (expected the header video,subject)")]
+    if len(lines) < 2:
+        return SubjectRule(source=path), [SubjectProblem("no rows: expected the header video,subject and one "
+                                                         "row per video")]
     problems: list[SubjectProblem] = []
     if [c.strip().lower() for c in lines[0].split(",")] != SUBJECT_FILE_HEADER:
         problems.append(SubjectProblem(f"header must be 'video,subject', got {lines[0]!r}", line=1))
@@ -113,4 +107,5 @@ def read_subject_file(path: str | Path) -> tuple[SubjectRule, list[SubjectProble
         else:
             explicit[cells[0]] = cells[1]
             first_line[cells[0]] = lineno
+    # Rows for videos the dataset does not hold are allowed: one file may describe the whole release.
     return SubjectRule(explicit, path), problems

@@ -38,11 +38,11 @@ import numpy as np
 
 from . import __version__
 from .data import (IMAGE_LOCATION_PATTERN, SAMPLE_HEADER, DataError, Dataset, Problem, SampleFile, open_dataset,
-                   parse_sample_file, valid_label_mask)
+                   parse_sample_file)
 from .ensemble import (FOLD_MERGES, MERGERS, MeanMerge, honest_report, is_learned, learned_merge_of_folds,
                        make_merger, stack_members)
 from .io import atomic_path, atomic_write_text, fsync_dir
-from .metrics import score
+from .metrics import score, valid_label_mask
 from .runs import MemberPredictions, Run, RunError, find_latest_demo_run, load_members, stack_folds
 
 SUBMISSION_FILE = "predictions.txt"
@@ -429,8 +429,7 @@ def load_inputs(run_paths: Sequence[str], test_sample: str | None = None) -> Inp
         raise RunError(f"runs were made on different datasets: {sorted(roots)}")
     root = runs[0].data_root()
     dataset = open_dataset(root, test_list=runs[0].config.get("test_list"),
-                           test_sample=test_sample or runs[0].config.get("test_sample"),
-                           subjects=runs[0].config.get("subjects"))
+                           test_sample=test_sample or runs[0].config.get("test_sample"))
     if dataset.sample is None:
         raise RunError(f"{root}: no test sample file found; name it with --test-sample")
     labels = {v.name: v.labels.astype(np.float64) for v in dataset.split("train", "val")}

@@ -281,6 +281,8 @@ class FoldTrainer:
         if (self.out / "last.pt").exists():  # resume an interrupted fold from its last finished epoch
             state = self._resume(model, optimizer, scheduler)
             self._emit(kind="resumed", epoch=state["epoch"])
+        else:  # a fresh start (or a retry after a failure): an earlier attempt's best model is not ours
+            (self.out / "model.pt").unlink(missing_ok=True)
 
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         self._emit(kind="start", epochs=cfg.epochs, epoch=state["epoch"], steps=steps_per_epoch)

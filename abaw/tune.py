@@ -117,8 +117,8 @@ class Objective:
     def __init__(self, base: RunConfig, dataset: Dataset, arch: str, folds_used: list[int], study_dir: Path,
                  folds_dir: str | Path = "folds", sampler_seed: int | None = None):
         self.base, self.dataset, self.arch, self.study_dir = base, dataset, arch, study_dir
-        self.sampler_seed = sampler_seed
-        self.folds, _ = load_or_make_folds(dataset, base.folds, base.fold_mode, base.seed, folds_dir)
+        self.sampler_seed = sampler_seed  # set once the study is opened
+        self.folds, self.folds_file = load_or_make_folds(dataset, base.folds, base.fold_mode, base.seed, folds_dir)
         available = fold_ids(self.folds)
         bad = [k for k in folds_used if k not in available]
         if bad:
@@ -272,11 +272,12 @@ def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int,
     atomic_write_text(study_dir / "tune_config.yaml", yaml.safe_dump(
         {**asdict(base), "study": study_name, "storage": storage, "pruner": pruner, "tune_folds": tune_folds},
         sort_keys=False))
+    objective = Objective(base, dataset, arch, tune_folds or [], study_dir, folds_dir)
     study, sampler_seed, created = _create_or_join(study_name, storage, study_dir, base.seed, make_pruner(pruner))
     console.print(f"study {study_name!r} {'created' if created else 'joined'}: sampler seed {sampler_seed}",
                   markup=False)
-    study.set_user_attr("arch", arch)
-    objective = Objective(base, dataset, arch, tune_folds or [], study_dir, folds_dir, sampler_seed)
+    keep_study_settings(study, study_settings(base, objective))
+    objective.sampler_seed = sampler_seed
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # n_trials is the study's total, shared by every worker, so a rerun or a second worker continues it.
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -285,6 +286,27 @@ def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int,
                        callbacks=[MaxTrialsCallback(n_trials, states=finished), _print_trial])
     report_study(study, base, arch, study_dir)
     return study
+
+
+def study_settings(base: RunConfig, objective: Objective) -> dict[str, Any]:
+    """What makes two trials' values comparable: the same architecture, objective, folds and fold subset."""
+    return {"arch": objective.arch, "objective": objective_name(base),
+            "folds": objective.folds_file.name,  # mode, K, seed and the data + subject-grouping fingerprint
+            "tune_folds": list(objective.folds_used)}
+
+
+def keep_study_settings(study: optuna.Study, settings: dict[str, Any]) -> None:
+    """Record the settings on the study, or refuse to join one whose trials were scored otherwise:
+    its best trial would be picked across values that measure different things."""
+    differing = {k: (study.user_attrs[k], v) for k, v in settings.items()
+                 if k in study.user_attrs and study.user_attrs[k] != v}
+    if differing:
+        diff = "; ".join(f"{k}: {old!r} in the study, {new!r} now" for k, (old, new) in differing.items())
+        raise ValueError(f"study {study.study_name!r} was run with other settings ({diff}); use another --study, "
+                         f"or the settings it was made with")
+    for key, value in settings.items():
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
 
 
 def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

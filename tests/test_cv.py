@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from abaw import cli
 from abaw.config import RunConfig
@@ -226,3 +227,15 @@ def test_a_presence_run_gives_the_model_one_more_channel_it_uses(small_root, tmp
     assert saved["model_config"]["input_dim"] == dataset.modalities["visual"] + 1
     assert saved["run_config"]["presence"] is True
     assert saved["state_dict"]["head.weight"].shape == (2, dataset.modalities["visual"] + 1)
+
+
+def test_a_run_made_before_an_option_existed_resumes_with_its_default(small_root, tmp_path):
+    dataset = open_dataset(small_root)
+    config = RunConfig(arch=["linear"], folds=2, epochs=1, window=200, hop=200, out=str(tmp_path / "run"))
+    assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
+    path = tmp_path / "run" / "config.yaml"
+    older = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k not in ("presence", "subjects")}
+    path.write_text(yaml.safe_dump(older))  # as abaw 0.1 wrote it
+    assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
+    with pytest.raises(RunConflict, match=r"presence: False -> True"):
+        run_cv(RunConfig(**{**vars(config), "presence": True}), dataset, folds_dir=tmp_path / "folds")

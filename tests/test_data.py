@@ -221,3 +221,18 @@ def test_check_cli_reports_an_aligned_file(tiny_root):
     result = run_cli("--data-root", str(tiny_root), "--check")
     assert result.returncode == 0, result.stdout
     assert f"{path}: 17 rows for 20 frames; last row carried over 3 missing row(s)" in result.stdout
+
+
+def test_a_listed_test_video_missing_from_the_sample_file_is_a_problem(tiny_root):
+    sample = tiny_root / "CVPR_8th_ABAW_VA_test_set_sample.txt"
+    sample.write_text("\n".join(line for line in sample.read_text().splitlines() if not line.startswith("t2/")) + "\n")
+    problem = only_problem(tiny_root)
+    assert problem.path == sample and "'t2'" in problem.message and "no rows in the sample file" in problem.message
+
+
+def test_without_a_sample_file_the_feature_files_agree_on_the_frame_count(tiny_root):
+    (tiny_root / "CVPR_8th_ABAW_VA_test_set_sample.txt").unlink()
+    audio = tiny_root / "features" / "audio" / "t1.npy"
+    np.save(audio, np.ones((60, 3), np.float32))  # written at 3x the frame rate
+    problem = only_problem(tiny_root)  # the odd file is the one reported, not the visual file
+    assert problem.path == audio and "60 feature rows for 20 frames" in problem.message

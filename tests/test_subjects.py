@@ -47,7 +47,6 @@ def test_on_the_real_release_names_no_subject_spans_two_splits():
     subjects = shape.video.map(default_subject)
     assert subjects.nunique() == 559 and len(shape) == 594
     assert (shape.groupby(subjects)["split"].nunique() == 1).all()  # the official split keeps recordings whole
-    assert shape.video.str.replace(r"_(left|right)$", "", regex=True).nunique() == 578  # the old rule
 
 
 def test_folds_of_the_release_never_split_a_recording(release_root):
@@ -88,8 +87,11 @@ def test_a_malformed_subject_file_is_reported_by_line(tiny_root, tmp_path):
     assert "expected 'video,subject'" in lines[3] and "listed twice (first on line 2)" in lines[4]
     _, problems = load_dataset(tiny_root, subjects=tmp_path / "nope.csv")
     assert [p.message for p in problems] == ["subject file not found"]
-    _, problems = load_dataset(tiny_root, subjects=write_subjects(tmp_path / "h.csv", [], header="name,person"))
+    _, problems = load_dataset(tiny_root, subjects=write_subjects(tmp_path / "h.csv", [("a", "x")],
+                                                                  header="name,person"))
     assert problems[0].line == 1 and "header" in problems[0].message
+    _, problems = load_dataset(tiny_root, subjects=write_subjects(tmp_path / "e.csv", []))
+    assert len(problems) == 1 and "no rows" in problems[0].message  # one problem, not one per video
 
 
 def run_cli(*args):

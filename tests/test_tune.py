@@ -74,6 +74,21 @@ def study_of(config, dataset, name, n_trials, tmp_path, **kw):
                           folds_dir=tmp_path / "folds", pruner="none", **kw)
 
 
+@pytest.mark.parametrize("change, words", [
+    ({"stop_split": 0.2}, "objective: 'mean validation CCC' in the study, 'mean stop-split CCC' now"),
+    ({"seed": 3}, "folds: "),                       # another fold table (a --subjects change does the same)
+    ({"tune_folds": [1]}, "tune_folds: [0] in the study, [1] now"),
+])
+def test_joining_a_study_whose_trials_were_scored_otherwise_is_refused(small_root, tmp_path, change, words):
+    dataset = open_dataset(small_root)
+    study_of(base_config(tmp_path / "s"), dataset, "same", 0, tmp_path)  # creates the study, runs no trial
+    tune_folds = change.pop("tune_folds", [0])
+    with pytest.raises(ValueError, match="was run with other settings") as error:
+        study_of(base_config(tmp_path / "s", **change), dataset, "same", 0, tmp_path, tune_folds=tune_folds)
+    assert words in str(error.value)
+    study_of(base_config(tmp_path / "s"), dataset, "same", 0, tmp_path)  # the same settings join
+
+
 def test_a_rerun_continues_the_study_with_parameters_of_its_own(small_root, tmp_path):
     dataset = open_dataset(small_root)
     config = base_config(tmp_path / "s", seed=7)
