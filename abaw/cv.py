@@ -37,7 +37,8 @@ from .io import atomic_path, atomic_write_text
 from .metrics import score
 from .models import list_models
 from .runs import read_prediction_table
-from .train import FoldResult, FoldTrainer, resolve_device
+from .devices import resolve_device
+from .train import FoldResult, FoldTrainer
 
 # Options that may change between a run and its resumption without changing any result.
 RESUMABLE_KEYS = {"arch", "jobs", "device"}

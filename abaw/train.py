@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from .config import RunConfig
 from .data import Dataset, VideoRecord
+from .devices import resolve_device
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .metrics import ccc_loss, score
 from .models import create_model
@@ -51,15 +52,6 @@ class FoldResult:
     # Best CCC on the videos that chose the epoch: the stop split's with stop_split > 0, else the
     # fold's own (= mean). With a stop split this, not `mean`, is what tuning may select on.
     stop_ccc: float = float("nan")
-
-
-def resolve_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {requested} asked for CUDA, but torch sees no GPU (use --device cpu or auto)")
-    return device
 
 
 def seed_everything(seed: int) -> None:
