@@ -164,9 +164,8 @@ def run_extraction(targets: Sequence[Target], writer: FeatureWriter,
 
     ``extract_video`` returns (n_frames, D) with NaN rows for frames without input."""
     report = report or ExtractionReport()
-    pending = []
-    for target in targets:
-        (report.skipped if writer.done(target) else pending).append(target)
+    pending = [t for t in targets if not writer.done(t)]
+    report.skipped += [t.video for t in targets if t not in pending]
     if report.skipped:
         console.print(f"{what}: {len(report.skipped)} video(s) already extracted in {writer.folder}, skipped")
     total = sum(t.n_frames for t in pending)
