@@ -7,7 +7,6 @@ model loaded strictly with the same weights, timm's own eval transform with ``cr
 resize of the square crop), and the pool written out.
 """
 import argparse
-import os
 
 import numpy as np
 import pytest
@@ -333,4 +332,3 @@ def test_cli_reports_a_bad_frames_folder(tiny_root, vit_weights, tmp_path, capsy
                  "--frames", str(tmp_path / "missing_crops")])
     assert code == 1
     assert "missing_crops" in capsys.readouterr().out
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
