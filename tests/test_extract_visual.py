@@ -7,6 +7,7 @@ model loaded strictly with the same weights, timm's own eval transform with ``cr
 resize of the square crop), and the pool written out.
 """
 import argparse
+import functools
 
 import numpy as np
 import pytest
@@ -50,12 +51,18 @@ def vit_weights(tmp_path):
     return path
 
 
+@functools.lru_cache(maxsize=4)
+def reference_model(backbone, weights):
+    """The backbone with the weights loaded strictly (every tensor), and timm's eval transform."""
+    model = timm.create_model(backbone, pretrained=False, num_classes=0).eval()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    config = timm.data.resolve_model_data_config(model)
+    return model, timm.data.create_transform(**{**config, "crop_pct": 1.0})  # no crop: the whole face
+
+
 def reference(backbone, weights, image_path, pool):
     """The feature of one image, computed without the module under test."""
-    model = timm.create_model(backbone, pretrained=False, num_classes=0).eval()
-    model.load_state_dict(torch.load(weights, weights_only=True))  # strict: every tensor
-    config = timm.data.resolve_model_data_config(model)
-    transform = timm.data.create_transform(**{**config, "crop_pct": 1.0})  # no crop: the whole face
+    model, transform = reference_model(backbone, weights)
     x = transform(Image.open(image_path).convert("RGB")).unsqueeze(0)
     with torch.no_grad():
         if pool == "avg":
