@@ -257,6 +257,7 @@ def test_chunks_are_stitched_at_the_right_times(tiny_wav2vec):
     whole = audio.SpeechModel(tiny_wav2vec, layer=0, device="cpu")(sound)
     chunked = audio.SpeechModel(tiny_wav2vec, layer=0, device="cpu", chunk_seconds=1.0, context_seconds=0.25)(sound)
     assert len(whole.times) == 149 and np.all(np.diff(whole.times) == pytest.approx(0.02))
+    assert whole.times[0] == pytest.approx(0.0125, abs=1e-4)  # the middle of the first 25 ms receptive field
     np.testing.assert_allclose(chunked.times, whole.times)
     np.testing.assert_allclose(chunked.values, whole.values, atol=1e-4)
 
