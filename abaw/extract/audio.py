@@ -96,7 +96,7 @@ def base_video(video: str) -> str:
 
 
 def video_files(targets: list[Target], folder: Path) -> dict[str, Path]:
-    """Video -> its file: ``<video>.*`` if present, else ``<base video>.*``. Every missing or ambiguous one is raised."""
+    """Video -> its file: ``<video>.*`` if present, else ``<base video>.*``; every missing or ambiguous one raised."""
     index = index_videos(folder)
     files, problems = {}, []
     for target in targets:

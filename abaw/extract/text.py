@@ -163,7 +163,8 @@ class WordEmbedder:
     def __call__(self, words: list[str]) -> np.ndarray:
         """(len(words), D); a NaN row for a word the tokenizer drops entirely (no token)."""
         text = " ".join(words)
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                                 verbose=False)  # longer than the model on purpose: windows follow
         ids = np.asarray(encoded["input_ids"], np.int64)
         owner = _token_words(words, encoded["offset_mapping"])
         states = self._token_states(ids)
@@ -291,5 +292,6 @@ def extract_text(data_root, transcripts_dir, model_dir, batch_size: int = 64, de
 
 def _report_default_fps(videos: list[str]) -> None:
     if videos:
+        more = f" and {len(videos) - 20} more" if len(videos) > 20 else ""
         console.print(f"text: {len(videos)} video(s) have no fps column and no rate in their name; "
-                      f"{DEFAULT_FPS:g} fps assumed: {', '.join(videos)}", markup=False)
+                      f"{DEFAULT_FPS:g} fps assumed: {', '.join(videos[:20])}{more}", markup=False)
