@@ -231,3 +231,44 @@ def require_dir(path: str | Path, what: str) -> Path:
     if not path.is_dir():
         raise ExtractError(f"{path}: {what} folder does not exist")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Time: shared by the extractors whose input is timed (sound, words) rather than one image per frame
+
+
+def frame_times(n_frames: int, fps: float) -> np.ndarray:
+    """Seconds from the video's start to the middle of each frame: frame i (1-based) is at (i - 0.5) / fps.
+
+    Image i is on screen from (i - 1) / fps to i / fps, and its annotation describes that image; a
+    feature centred on the middle of that interval covers it symmetrically, while one taken at its
+    start would lean half a frame towards the previous image."""
+    if not fps > 0:
+        raise ValueError(f"frame rate must be positive, got {fps}")
+    return (np.arange(n_frames, dtype=np.float64) + 0.5) / float(fps)
+
+
+@dataclass(frozen=True)
+class Span:
+    """One chunk ``[start, stop)`` of a long sequence, and the part ``[keep_start, keep_stop)`` it answers for."""
+
+    start: int
+    stop: int
+    keep_start: int
+    keep_stop: int
+
+
+def chunk_spans(n: int, size: int, overlap: int) -> list[Span]:
+    """Cover ``range(n)`` with chunks of ``size`` (the last one ends at ``n``) overlapping by at least ``overlap``.
+
+    Every position is kept from exactly one chunk, the one where it lies furthest from an edge: two
+    neighbours split their overlap in its middle, so a kept position has at least ``overlap // 2`` of
+    context on each side (except at the ends of the sequence). Every chunk has the same length, so
+    chunks batch without padding; a sequence no longer than ``size`` is one chunk."""
+    if size <= overlap or overlap < 0:
+        raise ValueError(f"chunk size {size} must exceed the overlap {overlap} (>= 0)")
+    if n <= size:
+        return [Span(0, n, 0, n)]
+    starts = list(range(0, n - size, size - overlap)) + [n - size]
+    bounds = [0] + [(start + size + nxt) // 2 for start, nxt in zip(starts, starts[1:])] + [n]
+    return [Span(start, start + size, bounds[k], bounds[k + 1]) for k, start in enumerate(starts)]
