@@ -31,7 +31,10 @@ tests can score a submission.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +90,7 @@ def _smooth(rng: np.random.Generator, n: int, tau: float) -> np.ndarray:
     return (x - x.mean()) / (x.std() + 1e-8)
 
 
-def _stretches(rng, n: int, count: int, lo: int, hi: int) -> np.ndarray:
+def stretches(rng, n: int, count: int, lo: int, hi: int) -> np.ndarray:
     """Boolean (n,) mask of ``count`` random stretches of length lo..hi."""
     mask = np.zeros(n, bool)
     for _ in range(count):
@@ -162,6 +165,18 @@ def demo_videos(split: str, count: int) -> list[DemoVideo]:
     return videos[:count]
 
 
+def latent_emotion(rng: np.random.Generator, n: int, mood: np.ndarray, fps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (n, 2) and the expressed emotion f (n, 2) of one video: smooth (valence, arousal) in (-1, 1).
+
+    The labels follow f late: y(t) = f(t - lag), with a lag of ``LAG`` frames at 30 fps."""
+    speed = fps / 30  # emotions drift over seconds, so over more frames at a higher frame rate
+    lag = round(LAG * speed)
+    face = np.stack([_smooth(rng, n + lag, 40.0 * speed), _smooth(rng, n + lag, 60.0 * speed)], axis=1)
+    face = 0.85 * np.tanh(0.55 * face + mood + rng.normal(0, 0.08, size=2))  # per-recording mood
+    labels = face[:n].copy()  # y(t) = f(t - lag): frame t of the labels sees face frame t - lag
+    return labels, face[lag:]
+
+
 class _World:
     """The fixed random mappings from latent emotion to features, shared by all videos."""
 
@@ -179,12 +194,7 @@ class _World:
     def video(self, rng, n: int, subject_embedding: np.ndarray, mood: np.ndarray, fps: int,
               face_share: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Labels (n, 2) and features of one video."""
-        speed = fps / 30  # emotions drift over seconds, so over more frames at a higher frame rate
-        lag = round(LAG * speed)
-        face = np.stack([_smooth(rng, n + lag, 40.0 * speed), _smooth(rng, n + lag, 60.0 * speed)], axis=1)
-        face = 0.85 * np.tanh(0.55 * face + mood + rng.normal(0, 0.08, size=2))  # per-recording mood
-        labels = face[:n].copy()  # y(t) = f(t - lag): frame t of the labels sees face frame t - lag
-        face = face[lag:]
+        labels, face = latent_emotion(rng, n, mood, fps)
 
         shown = face + rng.normal(0, 1.0, size=face.shape)  # per-frame jitter: only time averages see f
         visual = np.tanh(self._basis(shown) @ self.visual_w + subject_embedding @ self.visual_subject_w)
@@ -200,7 +210,7 @@ class _World:
         said = np.stack([segment_valence, np.abs(segment_valence)], axis=1) + rng.normal(0, 0.3, size=(n, 2))
         text = said @ self.text_w + rng.normal(0, 0.5, size=(n, MODALITY_DIMS["text"]))
 
-        unlabelled = _stretches(rng, n, int(rng.integers(0, 2)), 30, 200)
+        unlabelled = stretches(rng, n, int(rng.integers(0, 2)), 30, 200)
         labels[unlabelled] = INVALID_LABEL
         features = {"visual": visual, "audio": audio, "text": text}
         return labels.astype(np.float32), {k: v.astype(np.float32) for k, v in features.items()}
@@ -209,9 +219,9 @@ class _World:
 def _no_face(rng, n: int, face_share: float) -> np.ndarray:
     """Frames without a face: isolated detector misses, stretches, and long absences down to ``face_share``."""
     missing = rng.random(n) < 0.004
-    missing |= _stretches(rng, n, int(rng.integers(0, 3)), 10, 60)
+    missing |= stretches(rng, n, int(rng.integers(0, 3)), 10, 60)
     while missing.mean() < 1 - face_share:  # the face mostly gone: long stretches until the share is reached
-        missing |= _stretches(rng, n, 1, n // 10, n // 3)
+        missing |= stretches(rng, n, 1, n // 10, n // 3)
     return missing
 
 
@@ -220,26 +230,63 @@ def _face_share(index: int) -> float:
     return {4: 0.5, 7: 0.05}.get(index, 1.0)
 
 
-def _write_labels(path: Path, labels: np.ndarray) -> None:
+def write_labels(path: Path, labels: np.ndarray) -> None:
+    """An annotation file: the header, then one "valence,arousal" line per frame (-5,-5 unlabelled)."""
     lines = ["valence,arousal"] + [f"{v:.3f},{a:.3f}" if v != INVALID_LABEL else "-5,-5" for v, a in labels]
     path.write_text("\n".join(lines) + "\n")
+
+
+SAMPLE_HEADER_LINE = "image_location,valence,arousal"
+
+
+def ground_truth_rows(video: str, labels: np.ndarray) -> tuple[list[str], list[str]]:
+    """A test video's ground-truth lines and sample-file lines (the same frames, values left empty)."""
+    truth = [f"{image_location(video, frame)},{v:.3f},{a:.3f}" for frame, (v, a) in enumerate(labels, start=1)]
+    sample = [f"{image_location(video, frame)},," for frame in range(1, len(labels) + 1)]
+    return truth, sample
+
+
+def write_test_files(folder: Path, test_videos: list[str], truth: list[str], sample: list[str]) -> None:
+    """The test list, the sample file and ``test_ground_truth.csv`` (rows without their headers)."""
+    (folder / TEST_LIST_NAME).write_text("\n".join(test_videos) + "\n")
+    (folder / TEST_SAMPLE_NAME).write_text("\n".join([SAMPLE_HEADER_LINE, *sample]) + "\n")
+    (folder / GROUND_TRUTH_NAME).write_text("\n".join([SAMPLE_HEADER_LINE, *truth]) + "\n")
+
+
+@contextmanager
+def staged_folder(root: Path, what: str) -> Iterator[Path]:
+    """A temporary sibling of ``root`` to fill, renamed to ``root`` on success and removed on failure,
+    so ``root`` is either absent or complete. An existing ``root`` is never touched."""
+    if root.exists():
+        raise FileExistsError(f"{root} exists and is not a complete {what}; remove it or pick another folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        yield tmp
+        tmp.rename(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    fsync_dir(root.parent)
 
 
 def generate(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
     """Write the demo dataset to ``root`` atomically (a temporary sibling folder, then a rename)."""
     root = Path(root)
-    if root.exists():
-        raise FileExistsError(f"{root} exists and is not a complete demo dataset; remove it or pick another folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    with staged_folder(root, "demo dataset") as tmp:
+        _generate_into(tmp, spec)
+    return root
+
+
+def _generate_into(tmp: Path, spec: DemoSpec) -> None:
     rng = np.random.default_rng(spec.seed)
     world = _World(rng)
     splits = {"train": demo_videos("train", spec.n_train), "val": demo_videos("val", spec.n_val),
               "test": demo_videos("test", spec.n_test)}
     for modality in MODALITY_DIMS:
         (tmp / "features" / modality).mkdir(parents=True)
-    truth = ["image_location,valence,arousal"]
-    sample = ["image_location,valence,arousal"]
+    truth: list[str] = []
+    sample: list[str] = []
     scenes: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # recording -> (scene embedding, mood)
     people: dict[str, np.ndarray] = {}
     for split, videos in splits.items():
@@ -258,18 +305,13 @@ def generate(root: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
             for modality, array in features.items():
                 np.save(tmp / "features" / modality / f"{video.name}.npy", array)
             if split == "test":
-                for frame, (v, a) in enumerate(labels, start=1):
-                    truth.append(f"{image_location(video.name, frame)},{v:.3f},{a:.3f}")
-                    sample.append(f"{image_location(video.name, frame)},,")
+                video_truth, video_sample = ground_truth_rows(video.name, labels)
+                truth += video_truth
+                sample += video_sample
             else:
-                _write_labels(tmp / LABEL_DIR / SPLIT_DIRS[split] / f"{video.name}.txt", labels)
-    (tmp / TEST_LIST_NAME).write_text("\n".join(v.name for v in splits["test"]) + "\n")
-    (tmp / TEST_SAMPLE_NAME).write_text("\n".join(sample) + "\n")
-    (tmp / GROUND_TRUTH_NAME).write_text("\n".join(truth) + "\n")
+                write_labels(tmp / LABEL_DIR / SPLIT_DIRS[split] / f"{video.name}.txt", labels)
+    write_test_files(tmp, [v.name for v in splits["test"]], truth, sample)
     (tmp / ".complete").write_text(f"abaw demo v{VERSION} seed {spec.seed}\n")
-    tmp.rename(root)
-    fsync_dir(root.parent)
-    return root
 
 
 def load_ground_truth(root: str | Path) -> dict[str, np.ndarray]:

@@ -89,3 +89,13 @@ def release_shaped_root(root: Path, frames_per: int = 200, seed: int = 0) -> Pat
 def release_root(tmp_path_factory) -> Path:
     """Every video of the real release, in miniature (see :func:`release_shaped_root`)."""
     return release_shaped_root(tmp_path_factory.mktemp("release") / "root")
+
+
+@pytest.fixture(scope="session")
+def raw_root(tmp_path_factory) -> Path:
+    """The raw demo release (abaw/raw_demo.py, default spec), generated once per test session.
+
+    Shared: a test that writes into it (features/) works on a copy."""
+    from abaw import raw_demo
+
+    return raw_demo.generate_raw(tmp_path_factory.mktemp("raw") / "root")
