@@ -27,17 +27,20 @@ demo-study: $(STAMP)
 	$(PY) run_cv.py --tune --study demo-study --n-trials 8 --tune-folds 0 1 --epochs 4
 
 # The raw demo release (abaw/raw_demo.py: face crops, videos with sound, transcripts, OpenFace CSVs),
-# generated once, then extraction -> cross-validation -> submission: the real release's whole path.
+# generated once with stand-in backbones (abaw/stand_ins.py: tiny, random weights, nothing downloaded), then
+# extraction of all four kinds -> cross-validation -> submission: the real release's whole path.
 RAW_DEMO_ROOT ?= $(or $(ABAW_RAW_DEMO_ROOT),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/abaw/raw-demo-v1)
 OPENFACE_COLUMNS := AU01_r,AU02_r,AU04_r,AU05_r,AU06_r,AU12_r,AU15_r,AU26_r
 
 demo-raw: $(STAMP)
-	$(PY) -m abaw.raw_demo --root "$(RAW_DEMO_ROOT)"
+	$(PY) -m abaw.raw_demo --root "$(RAW_DEMO_ROOT)" --models "$(RAW_DEMO_ROOT)-models"
+	$(PY) -m abaw.extract visual --data-root "$(RAW_DEMO_ROOT)" --backbone test_vit \
+		--weights "$(RAW_DEMO_ROOT)-models/vit.pth" --name visual
+	$(PY) -m abaw.extract audio --data-root "$(RAW_DEMO_ROOT)" --videos "$(RAW_DEMO_ROOT)/videos" --mel --name audio
+	$(PY) -m abaw.extract text --data-root "$(RAW_DEMO_ROOT)" --transcripts "$(RAW_DEMO_ROOT)/transcripts" \
+		--model "$(RAW_DEMO_ROOT)-models/text" --name text
 	$(PY) -m abaw.extract import --data-root "$(RAW_DEMO_ROOT)" --csv "$(RAW_DEMO_ROOT)/openface" \
 		--frame-column frame --columns $(OPENFACE_COLUMNS) --name openface
-# >>> visual / audio / text extraction go here: one command each, writing $(RAW_DEMO_ROOT)/features/<name>/
-# >>> from $(RAW_DEMO_ROOT)/cropped_aligned, $(RAW_DEMO_ROOT)/videos and $(RAW_DEMO_ROOT)/transcripts.
-# >>> (end of the extraction commands)
 	$(PY) run_cv.py --config configs/demo-raw.yaml --data-root "$(RAW_DEMO_ROOT)" --out runs/demo-raw
 	$(PY) make_submission.py --runs runs/demo-raw
 

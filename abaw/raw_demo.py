@@ -470,14 +470,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m abaw.raw_demo",
                                 description="Generate the raw demo release (once) and print its folder.")
     p.add_argument("--root", help="where (default $ABAW_RAW_DEMO_ROOT, else ~/.cache/abaw/raw-demo-v1)")
+    p.add_argument("--models", help="also write the stand-in backbones (abaw/stand_ins.py) into this folder")
     args = p.parse_args(argv)
     try:
         root = ensure_raw_demo(args.root)
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.models:
+        from .stand_ins import ensure_stand_ins
+
+        ensure_stand_ins(args.models, demo_words())
     print(root)
     return 0
+
+
+def demo_words() -> list[str]:
+    """Every word the raw demo's transcripts use (the stand-in text model's vocabulary)."""
+    return [*POSITIVE_WORDS, *NEGATIVE_WORDS, *FILLER_WORDS]
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from abaw.data import DataError
+from abaw.data import LABEL_DIR, DataError
+from abaw.extract import __main__ as cli
 from abaw.extract.frames import (ExtractionReport, FeatureWriter, Target, extraction_targets, frame_images,
                                  frame_number, rows_for_frames, run_extraction)
 
@@ -76,3 +77,9 @@ def test_run_extraction_skips_finished_videos_and_counts_missing_frames(tmp_path
 def test_report_rate():
     report = ExtractionReport(frames=300, seconds=2.0)
     assert report.frames_per_second == 150
+def test_the_cli_names_bad_input_and_exits_1(tiny_root, capsys):
+    (tiny_root / LABEL_DIR / "Train_Set" / "a.txt").write_text("valence,arousal\n0.1,oops\n")
+    code = cli.main(["import", "--data-root", str(tiny_root), "--csv", str(tiny_root), "--frame-column", "frame"])
+    assert code == 1 and "a.txt:2" in capsys.readouterr().out
+
+

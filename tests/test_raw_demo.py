@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from abaw import raw_demo
+from abaw.stand_ins import ensure_stand_ins
 from abaw.data import CROPS_DIR, LABEL_DIR, SPLIT_DIRS, fps_from_name, parse_label_file
 from abaw.demo import LAG, TEST_LIST_NAME, TEST_SAMPLE_NAME, demo_videos
 from abaw.extract.frames import extraction_targets
@@ -260,7 +261,10 @@ def test_ensure_raw_demo_reuses_refuses_and_leaves_nothing_half_written(tmp_path
 # One entry per feature folder: `python -m abaw.extract` arguments after --data-root/--name, "{root}"
 # standing for the raw release. Add the visual, audio and text extractors here as they land, and
 # their modalities to configs/demo-raw.yaml.
-EXTRACTIONS = {
+EXTRACTIONS = {  # what make demo-raw runs: every kind of extraction, with the stand-in backbones
+    "visual": ["visual", "--backbone", "test_vit", "--weights", "{models}/vit.pth", "--workers", "0"],
+    "audio": ["audio", "--videos", "{root}/videos", "--mel"],
+    "text": ["text", "--transcripts", "{root}/transcripts", "--model", "{models}/text"],
     "openface": ["import", "--csv", "{root}/openface", "--frame-column", "frame",
                  "--columns", ",".join(raw_demo.OPENFACE_AUS)],
 }
@@ -278,8 +282,9 @@ def run(args: list[str], cwd: Path) -> str:
 @pytest.mark.slow
 def test_raw_release_to_submission(raw_root, tmp_path):
     root = shutil.copytree(raw_root, tmp_path / "raw")  # the shared fixture stays without features
+    models = ensure_stand_ins(tmp_path / "models", raw_demo.demo_words()).visual_weights.parent
     for name, args in EXTRACTIONS.items():
-        command = [arg.format(root=root) for arg in args]
+        command = [arg.format(root=root, models=models) for arg in args]
         run(["-m", "abaw.extract", command[0], "--data-root", str(root), "--name", name, *command[1:]], tmp_path)
         assert sorted(p.stem for p in (root / "features" / name).glob("*.npy")) == sorted(ALL_VIDEOS)
 
