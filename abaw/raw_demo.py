@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -51,6 +50,7 @@ from PIL import Image, ImageDraw
 from .data import CROPS_DIR, INVALID_LABEL, LABEL_DIR, SPLIT_DIRS
 from .demo import (DemoVideo, demo_videos, ground_truth_rows, latent_emotion, staged_folder, stretches,
                    write_labels, write_test_files)
+from .subjects import video_file_of
 
 VERSION = 1  # bump when the output changes: the cache folder is named after it
 SAMPLE_RATE = 16_000
@@ -64,7 +64,6 @@ _AU_BASE = np.array([1.2, 1.0, 1.0, 1.0, 1.0, 1.3, 0.8, 1.0])
 POSITIVE_WORDS = ("great", "love", "happy", "wonderful", "fun", "nice", "yes", "beautiful", "amazing", "glad")
 NEGATIVE_WORDS = ("bad", "hate", "sad", "awful", "angry", "no", "terrible", "sorry", "worse", "tired")
 FILLER_WORDS = ("the", "and", "so", "then", "we", "it", "was", "like", "just", "okay")
-_SIDE_SUFFIX = re.compile(r"_(?:left|right)$")
 EXTRA_FRAMES = 3  # images past the annotation's end of one train video
 
 
@@ -104,7 +103,7 @@ def ensure_raw_demo(root: str | Path | None = None, spec: RawSpec = RawSpec()) -
 
 def video_file_name(video: str) -> str:
     """The release's video file of an annotation name: the sides of a recording share one file."""
-    return _SIDE_SUFFIX.sub("", video)
+    return video_file_of(video)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,9 +44,15 @@ _PARTS = (
 )
 
 
+def video_file_of(video: str) -> str:
+    """The recording file a ``_left`` / ``_right`` annotation belongs to (part numbers are kept):
+    the two people of one recording share its video file, sound and transcript."""
+    return _SIDE.sub("", video)
+
+
 def default_subject(video: str) -> str:
     """The subject of a video under the default rule (see the module docstring)."""
-    name = _SIDE.sub("", video)
+    name = video_file_of(video)
     for pattern in _PARTS:
         match = pattern.match(name)
         if match:

@@ -1,10 +1,12 @@
 """What every extractor shares: targets and frame counts, frame numbers from file names, NaN rows, resumable writes."""
+import re
+
 import numpy as np
 import pytest
 
 from abaw.data import LABEL_DIR, DataError
 from abaw.extract import __main__ as cli
-from abaw.extract.frames import (ExtractionReport, FeatureWriter, Target, extraction_targets, frame_images,
+from abaw.extract.frames import (ExtractError, ExtractionReport, FeatureWriter, Target, extraction_targets, frame_images,
                                  frame_number, rows_for_frames, run_extraction)
 
 
@@ -32,6 +34,9 @@ def test_frame_numbers_come_from_file_names_not_listing_positions(tmp_path):
         (tmp_path / name).touch()
     assert sorted(frame_images(tmp_path)) == [1, 2, 4, 10]
     assert frame_number("video/00012.jpg") == 12 and frame_number("a.jpg") is None
+    (tmp_path / "4.jpg").touch()
+    with pytest.raises(ExtractError, match="00004.jpg and 4.jpg are both frame 4"):
+        frame_images(tmp_path)
 
 
 def test_rows_for_frames_put_nan_rows_where_frames_have_no_value():
@@ -65,11 +70,11 @@ def test_run_extraction_skips_finished_videos_and_counts_missing_frames(tmp_path
         rows[0] = np.nan
         return rows
 
-    first = run_extraction(targets, writer, extract, "x")
+    first = run_extraction(targets, writer, extract, "x", settings={"command": "test"})
     assert calls == ["a", "b"] and first.written == ["a", "b"] and first.frames == 5 and first.missing == 2
     stamp = writer.path("a").stat().st_mtime_ns
     writer.path("b").unlink()
-    second = run_extraction(targets, writer, extract, "x")
+    second = run_extraction(targets, writer, extract, "x", settings={"command": "test"})
     assert calls == ["a", "b", "b"] and second.skipped == ["a"] and second.written == ["b"]
     assert writer.path("a").stat().st_mtime_ns == stamp
 
@@ -83,3 +88,35 @@ def test_the_cli_names_bad_input_and_exits_1(tiny_root, capsys):
     assert code == 1 and "a.txt:2" in capsys.readouterr().out
 
 
+
+
+def test_a_folder_written_with_other_settings_is_refused_not_skipped(tmp_path):
+    targets = [Target("a", "train", 3)]
+    writer = FeatureWriter(tmp_path, "audio", "float16")
+    run_extraction(targets, writer, lambda t: np.ones((3, 39)), "mfcc", settings={"kind": "mfcc"})
+    with pytest.raises(ExtractError, match="kind: 'mfcc' there, 'mel' now"):
+        run_extraction(targets, writer, lambda t: np.ones((3, 64)), "mel", settings={"kind": "mel"})
+    with pytest.raises(ExtractError, match="dtype: 'float16' there, 'float32' now"):
+        run_extraction(targets, FeatureWriter(tmp_path, "audio", "float32"), lambda t: np.ones((3, 39)), "mfcc",
+                       settings={"kind": "mfcc"})
+    np.save(tmp_path / "features" / "other.npy", np.ones(2))
+    (tmp_path / "features" / "theirs").mkdir()
+    np.save(tmp_path / "features" / "theirs" / "a.npy", np.ones((3, 2)))
+    with pytest.raises(ExtractError, match="without extraction.json"):
+        run_extraction(targets, FeatureWriter(tmp_path, "theirs"), lambda t: np.ones((3, 2)), "x", settings={})
+
+
+def test_the_cli_ends_with_the_check_of_the_new_modality(tiny_root, tmp_path, capsys, monkeypatch):
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    for video in ("a", "b_left", "b_right", "c", "t1", "t2"):
+        (csv_dir / f"{video}.csv").write_text("frame,f0,f1\n1,0.5,0.25\n3,1.0,2.0\n")
+    args = ["import", "--data-root", str(tiny_root), "--csv", str(csv_dir), "--frame-column", "frame", "--name", "au"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Modalities" in out and re.search(r"│ au\s+│\s+2 │", out)  # the check's table, the new modality only
+    assert "visual" not in out.split("Modalities")[1]
+    import abaw.checks
+
+    monkeypatch.setattr(abaw.checks, "check_dataset", lambda *a, **k: None)  # the check finds a problem
+    assert cli.main(args) == 1

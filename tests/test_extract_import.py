@@ -1,11 +1,13 @@
 """``python -m abaw.extract import``: per-frame CSV files -> one row per annotation frame, NaN where unlisted."""
+import json
+
 import numpy as np
 import pytest
 
 from abaw.data import open_dataset
 from abaw.extract.__main__ import main
-from abaw.extract.frames import ExtractError
-from abaw.extract.importer import COLUMNS_FILE, import_csv
+from abaw.extract.frames import SETTINGS_FILE, ExtractError
+from abaw.extract.importer import import_csv
 
 VIDEOS = ["a", "b_left", "b_right", "c", "t1", "t2"]  # tiny_root's videos, 20 frames each
 N = 20
@@ -73,7 +75,8 @@ def test_openface_headers_success_and_column_choice(tiny_root, csv_dir):
     assert out[0].tolist() == [value(1, 0), value(1, 1)]
     assert np.isnan(out[4]).all() and np.isnan(out[8]).all()  # success 0; no row
     assert report.failed == 1
-    assert (tiny_root / "features" / "imported" / COLUMNS_FILE).read_text().split() == ["AU01_r", "AU12_r"]
+    record = json.loads((tiny_root / "features" / "imported" / SETTINGS_FILE).read_text())
+    assert record["columns"] == ["AU01_r", "AU12_r"] and record["command"] == "import"
 
 
 def test_default_columns_skip_text_and_empty_columns(tiny_root, csv_dir):
@@ -170,9 +173,9 @@ def test_a_rerun_writes_only_what_is_missing(tiny_root, csv_dir):
 
 def test_a_rerun_with_other_columns_or_into_another_commands_folder_is_refused(tiny_root, csv_dir):
     import_csv(tiny_root, csv_dir, "frame")
-    with pytest.raises(ExtractError, match="holds features of the columns f0,f1"):
+    with pytest.raises(ExtractError, match=r"columns: \['f0', 'f1'\] there, \['f1'\] now"):
         import_csv(tiny_root, csv_dir, "frame", columns=["f1"])
-    with pytest.raises(ExtractError, match="that import did not write"):
+    with pytest.raises(ExtractError, match="holds features without extraction.json"):
         import_csv(tiny_root, csv_dir, "frame", name="visual")  # tiny_root's visual features
 
 

@@ -68,11 +68,14 @@ def reference(backbone, weights, image_path, pool):
         if pool == "avg":
             return model(x)[0].numpy()
         tokens = model.forward_features(x)
-        return (tokens[0, 0] if pool == "cls" else tokens[0, model.num_prefix_tokens:].mean(0)).numpy()
+        pooled = tokens[0, 0] if pool == "cls" else tokens[0, model.num_prefix_tokens:].mean(0)
+        if backbone == "test_vit2":  # norms after pooling (norm=Identity, fc_norm=LayerNorm), as BEiT and EVA
+            pooled = model.fc_norm(pooled)
+        return pooled.numpy()
 
 
 def names(videos):
-    """Video names; frames.run_extraction puts Targets in ``skipped`` (names in ``written``)."""
+    """Video names, whether given as names or as Targets."""
     return sorted(getattr(v, "video", v) for v in videos)
 
 

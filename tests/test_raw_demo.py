@@ -259,8 +259,7 @@ def test_ensure_raw_demo_reuses_refuses_and_leaves_nothing_half_written(tmp_path
 # End to end: the raw release -> python -m abaw.extract -> run_cv.py -> make_submission.py
 
 # One entry per feature folder: `python -m abaw.extract` arguments after --data-root/--name, "{root}"
-# standing for the raw release. Add the visual, audio and text extractors here as they land, and
-# their modalities to configs/demo-raw.yaml.
+# standing for the raw release and "{models}" for the stand-in backbones.
 EXTRACTIONS = {  # what make demo-raw runs: every kind of extraction, with the stand-in backbones
     "visual": ["visual", "--backbone", "test_vit", "--weights", "{models}/vit.pth", "--workers", "0"],
     "audio": ["audio", "--videos", "{root}/videos", "--mel"],

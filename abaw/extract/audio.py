@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..subjects import video_file_of
 from .frames import (ExtractError, ExtractionReport, FeatureWriter, Target, chunk_spans, extraction_targets,
                      frame_times, require_dir, run_extraction, torch_device)
 
@@ -87,20 +88,12 @@ def index_videos(folder: Path) -> dict[str, list[Path]]:
     return index
 
 
-def base_video(video: str) -> str:
-    """The recording a ``_left`` / ``_right`` annotation belongs to (part numbers are kept)."""
-    for side in ("_left", "_right"):
-        if video.endswith(side):
-            return video[: -len(side)]
-    return video
-
-
 def video_files(targets: list[Target], folder: Path) -> dict[str, Path]:
     """Video -> its file: ``<video>.*`` if present, else ``<base video>.*``; every missing or ambiguous one raised."""
     index = index_videos(folder)
     files, problems = {}, []
     for target in targets:
-        names = dict.fromkeys([target.video, base_video(target.video)])
+        names = dict.fromkeys([target.video, video_file_of(target.video)])
         found = next((index[name] for name in names if name in index), None)
         if found is None:
             problems.append(f"{target.video} ({' or '.join(names)} with {'/'.join(VIDEO_SUFFIXES)})")
@@ -323,6 +316,8 @@ def extract_audio(data_root, videos_dir, kind: str, model_dir=None, layer: int |
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "model" and model_dir is None:
         raise ValueError("kind 'model' needs a model folder (--model DIR)")
+    if kind != "model" and layer is not None:
+        raise ValueError(f"--layer picks a layer of a speech model (--model DIR); --{kind} has none")
     if kind == "model":
         require_dir(model_dir, "speech model")
     folder = require_dir(videos_dir, "videos")
@@ -343,5 +338,7 @@ def extract_audio(data_root, videos_dir, kind: str, model_dir=None, layer: int |
         return frame_features(*cache[path], target.n_frames)
 
     ordered = sorted(targets, key=lambda t: (str(files.get(t.video, "")), t.video))  # a file's videos together
-    return run_extraction(ordered, writer, extract, f"audio ({kind})")
+    settings = {"command": "audio", "kind": kind, "model": Path(model_dir).name if model_dir else None,
+                "layer": layer}
+    return run_extraction(ordered, writer, extract, f"audio ({kind})", settings=settings)
 

@@ -10,6 +10,7 @@ a row missing from a CSV) are NaN rows, which the reader turns into zeros with a
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -21,9 +22,10 @@ import numpy as np
 
 from ..console import console
 from ..data import DataError, Problem, read_labelled_videos, read_test_videos
-from ..io import atomic_path
+from ..io import atomic_path, atomic_write_json
 
 FEATURES_DIR = "features"
+SETTINGS_FILE = "extraction.json"  # what wrote a feature folder: a rerun must use the same
 OUTPUT_DTYPES = {"float16": np.float16, "float32": np.float32}
 _FRAME_FILE = re.compile(r"^(?P<frame>\d+)\.(?:jpg|jpeg|png)$", re.IGNORECASE)
 
@@ -71,11 +73,14 @@ def frame_number(path: str | Path) -> int | None:
 
 def frame_images(folder: Path) -> dict[int, Path]:
     """Frame number -> image file of one video's face crops, by file name (never listing position)."""
-    images = {}
-    for path in folder.iterdir():
+    images: dict[int, Path] = {}
+    for path in sorted(folder.iterdir()):
         number = frame_number(path)
-        if number is not None and number >= 1:
-            images[number] = path
+        if number is None or number < 1:
+            continue
+        if number in images:  # 00012.jpg and 12.jpg: which one is the face of frame 12 is anyone's guess
+            raise ExtractError(f"{folder}: {images[number].name} and {path.name} are both frame {number}")
+        images[number] = path
     return images
 
 
@@ -117,9 +122,31 @@ class FeatureWriter:
         if not path.is_file():
             return False
         try:
-            return np.load(path, mmap_mode="r").shape[0] == target.n_frames
+            array = np.load(path, mmap_mode="r")
         except (ValueError, OSError):
             return False
+        return array.shape[0] == target.n_frames and array.dtype == OUTPUT_DTYPES[self.dtype]
+
+    def claim(self, settings: dict) -> None:
+        """Record in ``extraction.json`` what writes this folder; refuse one written otherwise.
+
+        Without it a rerun with another --mel/--mfcc, --layer, --pool or weights file would skip every
+        finished video (right row count) and leave two kinds of features in one folder."""
+        settings = json.loads(json.dumps({**settings, "dtype": self.dtype}))  # as it reads back
+        record = self.folder / SETTINGS_FILE
+        if record.is_file():
+            before = json.loads(record.read_text())
+            changed = {k: (before.get(k), settings.get(k)) for k in sorted(set(before) | set(settings))
+                       if before.get(k) != settings.get(k)}
+            if changed:
+                diff = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+                raise ExtractError(f"{self.folder} holds features made otherwise ({diff}; {record}): "
+                                   f"pick another --name, or remove the folder to extract again")
+            return
+        if self.folder.is_dir() and any(self.folder.glob("*.npy")):
+            raise ExtractError(f"{self.folder} holds features without {SETTINGS_FILE} (another tool's, or "
+                               f"made before abaw recorded it): pick another --name, or remove the folder")
+        atomic_write_json(record, settings)
 
     def write(self, target: Target, features: np.ndarray) -> Path:
         features = np.asarray(features)
@@ -159,10 +186,13 @@ def extraction_progress():
 
 def run_extraction(targets: Sequence[Target], writer: FeatureWriter,
                    extract_video: Callable[[Target], np.ndarray], what: str,
-                   report: ExtractionReport | None = None) -> ExtractionReport:
+                   report: ExtractionReport | None = None, *, settings: dict) -> ExtractionReport:
     """Extract every unfinished target with ``extract_video`` and write it; a progress bar in frames/s.
 
-    ``extract_video`` returns (n_frames, D) with NaN rows for frames without input."""
+    ``extract_video`` returns (n_frames, D) with NaN rows for frames without input. ``settings``
+    (what decides the features: command, model, options) are claimed on the folder first
+    (:meth:`FeatureWriter.claim`)."""
+    writer.claim(settings)
     report = report or ExtractionReport()
     pending = [t for t in targets if not writer.done(t)]
     report.skipped += [t.video for t in targets if t not in pending]

@@ -33,7 +33,7 @@ unnoticed:
   face at all gets a CSV holding only the header: its NaN rows are then explicit.
 * Rows past the video's last frame (the annotation file's rows, or the sample file's last frame
   for a test video) have no label; they are dropped and counted.
-* The feature columns are recorded in ``features/<name>/columns.txt``; a rerun with other
+* The feature columns are recorded in ``features/<name>/extraction.json``; a rerun with other
   columns into the same folder is refused, so one folder never mixes two column sets. Finished
   videos are skipped on a rerun and every file is written atomically (``run_extraction``).
 """
@@ -46,13 +46,11 @@ from pathlib import Path
 import numpy as np
 
 from ..console import console
-from ..io import atomic_write_text
 from .frames import (ExtractError, ExtractionReport, FeatureWriter, Target, extraction_targets, require_dir,
                      rows_for_frames, run_extraction)
 
 MISSING_CELLS = ("", "nan", "na")  # compared lower-case: pandas writes NaN as "", R as "NA"
 SUCCESS_COLUMN = "success"  # OpenFace: 1 where the face was tracked, 0 where the row's features are junk
-COLUMNS_FILE = "columns.txt"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -235,21 +233,6 @@ def check_all_present(targets: list[Target], csv_dir: Path) -> None:
     raise ExtractError(message)
 
 
-def claim_columns(writer: FeatureWriter, columns: list[str]) -> None:
-    """Record the columns in the feature folder; refuse a folder written with others or by another command."""
-    record = writer.folder / COLUMNS_FILE
-    if record.is_file():
-        before = record.read_text().split()
-        if before != columns:
-            raise ExtractError(f"{writer.folder} holds features of the columns {','.join(before)} ({record}), "
-                               f"not {','.join(columns)}: pick another --name or remove the folder")
-        return
-    if writer.folder.is_dir() and any(writer.folder.glob("*.npy")):
-        raise ExtractError(f"{writer.folder} holds features that import did not write (no {COLUMNS_FILE}): "
-                           f"pick another --name")
-    atomic_write_text(record, "\n".join(columns) + "\n")
-
-
 def import_video(target: Target, table: CsvTable, frame_column: str, columns: list[str], why: str,
                  dtype: str, report: ImportReport) -> np.ndarray:
     """(n_frames, D) of one video: its CSV rows at their frames, NaN rows elsewhere."""
@@ -287,13 +270,13 @@ def import_csv(data_root, csv_dir, frame_column: str, columns: list[str] | None 
     writer = FeatureWriter(data_root, name, dtype)
     check_all_present([t for t in targets if not writer.done(t)], csv_dir)
     chosen, skipped, why = choose_columns(targets, csv_dir, frame_column, columns)
-    claim_columns(writer, chosen)
     report = ImportReport(columns=chosen, skipped_columns=skipped)
 
     def extract(target: Target) -> np.ndarray:
         table = read_csv(csv_dir / f"{target.video}.csv")
         return import_video(target, table, frame_column, chosen, why, dtype, report)
 
-    run_extraction(targets, writer, extract, f"import {csv_dir.name}", report)
+    run_extraction(targets, writer, extract, f"import {csv_dir.name}", report,
+                   settings={"command": "import", "frame_column": frame_column, "columns": chosen})
     print_notes(report)
     return report

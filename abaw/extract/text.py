@@ -30,7 +30,7 @@ import numpy as np
 
 from ..console import console
 from ..data import Problem, fps_from_name
-from .audio import base_video
+from ..subjects import video_file_of
 from .frames import (ExtractError, ExtractionReport, FeatureWriter, Target, chunk_spans, extraction_targets,
                      frame_times, require_dir, run_extraction, torch_device)
 
@@ -103,7 +103,7 @@ def _parse_row(row: list[str], n_columns: int) -> tuple[str, float, float, float
 
 def transcript_file(video: str, folder: Path) -> Path | None:
     """``<video>.csv``, else (for ``_left``/``_right``) the recording's ``<base>.csv``."""
-    for name in dict.fromkeys([video, base_video(video)]):
+    for name in dict.fromkeys([video, video_file_of(video)]):
         if (folder / f"{name}.csv").is_file():
             return folder / f"{name}.csv"
     return None
@@ -287,7 +287,8 @@ def extract_text(data_root, transcripts_dir, model_dir, batch_size: int = 64, de
         return window_means(times, transcript.start, transcript.end, cache[transcript.path])
 
     ordered = sorted(targets, key=lambda t: (str(getattr(transcripts.get(t.video), "path", "")), t.video))
-    return run_extraction(ordered, writer, extract, "text")
+    return run_extraction(ordered, writer, extract, "text",
+                          settings={"command": "text", "model": Path(model_dir).name})
 
 
 def _report_default_fps(videos: list[str]) -> None:

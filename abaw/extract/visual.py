@@ -84,7 +84,9 @@ def extract_visual(data_root, backbone: str, weights, frames_dir=None, pool: str
     frames = pending_frames(pending, crops, report)
     features = BatchedFeatures(frames, encoder, batch_size, workers, report)
     try:
-        return run_extraction(targets, writer, features, f"visual {backbone} ({pool})", report)
+        settings = {"command": "visual", "backbone": backbone, "weights": weights.name,
+                    "weights_bytes": weights.stat().st_size, "pool": pool}
+        return run_extraction(targets, writer, features, f"visual {backbone} ({pool})", report, settings=settings)
     finally:
         features.close()  # stops the DataLoader workers, also after an error
 
@@ -315,9 +317,20 @@ class FrameEncoder:
             if self.pool == "avg":
                 out = self.model(x)  # num_classes=0 left the head without its classifier: the pooled features
             else:
-                tokens = self.model.forward_features(x)  # timm applies the final norm here
+                tokens = self.model.forward_features(x)  # timm applies the final norm here, ...
                 out = tokens[:, 0] if self.pool == "cls" else tokens[:, self.prefix_tokens:].mean(dim=1)
+                out = self.pooled_norm(out)
         return out.float().cpu().numpy()
+
+    def pooled_norm(self, pooled):
+        """... unless the model norms after pooling instead (BEiT, EVA: ``norm`` is Identity and the
+        norm is ``fc_norm``): the pooled token then gets that norm, so cls / mean are normed for every model."""
+        import torch
+
+        fc_norm = getattr(self.model, "fc_norm", None)
+        if isinstance(getattr(self.model, "norm", None), torch.nn.Identity) and fc_norm is not None:
+            return fc_norm(pooled)
+        return pooled
 
 
 @dataclass
