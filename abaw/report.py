@@ -30,11 +30,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .data import DataError
-from .ensemble import HOLDOUT_SOURCE, TEST_SOURCE, honest_report, score_videos
+from .ensemble import score_videos
+from .honest import REPORT_COLUMNS, Kind, Source, honest_report
 from .io import atomic_path
 from .metrics import score, valid_label_mask
-from .runs import MemberPredictions, Run, RunError, find_latest_demo_run, stack_folds
-from .submission import REPORT_COLUMNS, Inputs, load_inputs
+from .runs import Inputs, MemberPredictions, Run, RunError, find_latest_demo_run, load_inputs, stack_folds
 
 RUNS_ENV = "ABAW_RUNS"
 STUDY_STORAGE_ENV = "ABAW_STUDY_STORAGE"
@@ -44,7 +44,6 @@ DIMENSIONS = {"ccc_v": "valence", "ccc_a": "arousal", "mean": "mean"}
 # Matplotlib 3.10 renamed boxplot's vert=False to orientation="horizontal" (and 3.11 deprecates vert).
 MATPLOTLIB_VERSION = tuple(int(part) for part in matplotlib.__version__.split(".")[:2])
 HORIZONTAL = {"orientation": "horizontal"} if MATPLOTLIB_VERSION >= (3, 10) else {"vert": False}
-SINGLE_FOLD_RE = re.compile(r" fold \d+$")  # honest_report's name of a single fold model's row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,31 +157,34 @@ def plot_fold_scores(folds: pd.DataFrame, oof: pd.DataFrame | None = None) -> Fi
 # The merge comparison
 
 
-def merge_report(inputs: Inputs) -> pd.DataFrame:
-    """The honest ensemble report of ``make_submission.py --report``, one row per model or merge.
+def merge_report(inputs: Inputs, post: bool = True) -> pd.DataFrame:
+    """The honest report of ``make_submission.py --report``, one row per model, merge or post-processing step.
 
     Single fold models, their average score (the bar a merge has to clear), fold merges (mean,
-    median, CCC centering), the mean across architectures and the learned merges, each scored on
-    data neither it nor its models were fitted on (``scored_on``). Rows scored on different data
-    are not comparable. Columns: model, ccc_v, ccc_a, mean, frames, scored_on.
+    median, CCC centering), the mean across architectures, the learned merges (``auto`` among them)
+    and ``auto`` with each post-processing step, each scored on data neither it nor its models were
+    fitted on (``scored_on``; ``source`` as a code). Rows scored on different data are not comparable.
+    Columns: :data:`abaw.honest.REPORT_COLUMNS` (model, ccc_v, ccc_a, mean, frames, scored_on, kind,
+    source, videos, member, fold, merge, post, fitted_on).
     """
-    table = pd.DataFrame(honest_report(inputs.members, inputs.labels, inputs.truth), columns=REPORT_COLUMNS)
-    return table.astype({"frames": "Int64"})  # average rows have no frame count; keep the others whole
+    rows = honest_report(inputs.members, inputs.labels, inputs.truth, post=post)
+    table = pd.DataFrame([row.as_dict() for row in rows], columns=REPORT_COLUMNS)
+    return table.astype({"frames": "Int64", "videos": "Int64", "fold": "Int64"})  # keep whole numbers whole
 
 
-def _source(scored_on: str) -> str:
-    if scored_on.startswith(TEST_SOURCE):
-        return TEST_SOURCE
-    if scored_on.startswith(HOLDOUT_SOURCE):
-        return HOLDOUT_SOURCE
-    return "OOF"
+PANELS = {Source.TEST.value: "test ground truth (demo)", Source.HOLDOUT.value: "holdout validation"}
 
 
-def _row_colour(model: str) -> str:
-    """Blue: one fold model; orange: the fold models' average score; green: a merge."""
-    if SINGLE_FOLD_RE.search(model):
+def _panel(source: str) -> str:
+    """Report rows share a panel when scored on the same labels: test, holdout, or OOF of any kind."""
+    return PANELS.get(source, "OOF")
+
+
+def _row_colour(kind: str) -> str:
+    """Blue: one fold model; orange: the fold models' average score; green: a merge or post-processing."""
+    if kind == Kind.FOLD_MODEL.value:
         return "C0"
-    return "C1" if model.endswith("average score") else "C2"
+    return "C1" if kind == Kind.FOLD_AVERAGE.value else "C2"
 
 
 def plot_merge_report(report: pd.DataFrame) -> Figure:
@@ -192,14 +194,14 @@ def plot_merge_report(report: pd.DataFrame) -> Figure:
     within a panel, a merge's bar beyond its members' average-score bar is the ensemble's gain.
     Rows that cannot be scored (fold merges on OOF) are left out.
     """
-    scored = report[report["mean"].notna()].assign(source=lambda t: t["scored_on"].map(_source))
-    sources = list(dict.fromkeys(scored["source"]))
-    heights = [max(1.0, 0.28 * (scored["source"] == s).sum()) for s in sources]
+    scored = report[report["mean"].notna()].assign(panel=lambda t: t["source"].map(_panel))
+    sources = list(dict.fromkeys(scored["panel"]))
+    heights = [max(1.0, 0.28 * (scored["panel"] == s).sum()) for s in sources]
     fig = Figure(figsize=(10, sum(heights) + 1.0 * len(sources)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(sources), 1, height_ratios=heights, squeeze=False)[:, 0])
     for ax, source in zip(axes, sources):
-        rows = scored[scored["source"] == source].iloc[::-1]  # first row on top
-        bars = ax.barh(range(len(rows)), rows["mean"].astype(float), color=[_row_colour(m) for m in rows["model"]])
+        rows = scored[scored["panel"] == source].iloc[::-1]  # first row on top
+        bars = ax.barh(range(len(rows)), rows["mean"].astype(float), color=[_row_colour(k) for k in rows["kind"]])
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
         ax.set_yticks(range(len(rows)), rows["model"], fontsize=8)
         ax.axvline(0, color="grey", lw=0.5)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,8 +27,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from typing import TYPE_CHECKING
+
 from .folds import HOLDOUT, FoldError, read_fold_table
 from .io import atomic_path
+
+if TYPE_CHECKING:
+    from .data import Dataset
 
 PREDICTION_COLUMNS = ["video", "frame", "valence", "arousal"]
 FOLD_DIR_RE = re.compile(r"^fold(\d+)$")
@@ -355,3 +360,37 @@ def find_latest_demo_run(runs_dir: str | Path = "runs") -> Run:
         raise RunError(f"no finished run on the demo dataset under {runs_dir}/ (a folder with config.yaml and "
                        f"summary.csv); train one with `python run_cv.py`, or name runs with --runs")
     return max(candidates, key=lambda c: c[:2])[2]
+
+
+@dataclass
+class Inputs:
+    """What both the report and the writer need: runs, their dataset, and every member's predictions."""
+
+    runs: list[Run]
+    dataset: Dataset
+    labels: dict[str, np.ndarray]
+    truth: dict[str, np.ndarray] | None
+    members: list[MemberPredictions]
+
+
+def load_inputs(run_paths: Sequence[str], test_sample: str | None = None) -> Inputs:
+    """Open the runs (made on one dataset), the dataset, its train+val labels, the demo's test labels
+    where the root has them, and every member's predictions."""
+    from .data import open_dataset
+    from .demo import GROUND_TRUTH_NAME, load_ground_truth
+
+    runs = [Run.open(p) for p in run_paths]
+    roots = {str(run.data_root().resolve()) for run in runs}
+    if len(roots) > 1:
+        raise RunError(f"runs were made on different datasets: {sorted(roots)}")
+    root = runs[0].data_root()
+    dataset = open_dataset(root, test_list=runs[0].config.get("test_list"),
+                           test_sample=test_sample or runs[0].config.get("test_sample"))
+    if dataset.sample is None:
+        raise RunError(f"{root}: no test sample file found; name it with --test-sample")
+    labels = {v.name: v.labels.astype(np.float64) for v in dataset.split("train", "val")}
+    truth = None
+    if (root / GROUND_TRUTH_NAME).is_file():
+        truth = {k: v.astype(np.float64) for k, v in load_ground_truth(root).items()}
+    n_frames = {name: v.n_frames for name, v in dataset.videos.items()}
+    return Inputs(runs, dataset, labels, truth, load_members(runs, n_frames))

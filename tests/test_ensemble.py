@@ -6,7 +6,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from abaw import ensemble
+from abaw import ensemble, honest
 from abaw.ensemble import (CCCCentering, MeanMerge, MedianMerge, WeightedCalibratedMerge, make_merger,
                            nested_predict, score_videos, stack_members)
 from abaw.metrics import EPS, ccc
@@ -250,9 +250,9 @@ class SpyMerge(WeightedCalibratedMerge):
 
     log: list = []
 
-    def fit(self, X, y, mask=None):
+    def fit(self, X, y, mask=None, groups=None):
         self.fitted_on_ = set(X)
-        return super().fit(X, y, mask)
+        return super().fit(X, y, mask, groups)
 
     def predict(self, X):
         SpyMerge.log.append((self.fitted_on_, set(X)))
@@ -288,15 +288,55 @@ def test_the_report_scores_every_learned_merge_on_data_it_was_not_fitted_on(monk
         members.append(MemberPredictions(Run(Path(f"run{m}"), {}), "arch", oof, oof_fold, test, {}))
     monkeypatch.setitem(ensemble.MERGERS, "weighted_calibrated", SpyMerge)
     SpyMerge.log = []
-    rows = ensemble.honest_report(members, labels, truth)
+    rows = honest.honest_report(members, labels, truth, post=False)
     assert len(SpyMerge.log) == 3 + 1  # nested over 3 folds, then fitted on all OOF for the test rows
     for fitted_on, videos in SpyMerge.log:
         assert fitted_on and videos and not fitted_on & videos
-    where = [row["scored_on"] for row in rows]
+    where = [row.scored_on for row in rows]
     assert "OOF, nested: fitted on the other folds' OOF, 9 videos" in where
-    assert any(w.startswith("not scorable on OOF") for w in where)
-    centering = [r for r in rows if "merged: ccc_centering" in r["model"]]
+    assert any(r.source is honest.Source.NOT_SCORABLE for r in rows)
+    centering = [r for r in rows if r.kind is honest.Kind.FOLD_MERGE and r.merge == "ccc_centering"]
     assert centering  # and each one beside the plain mean, scored on the same data
     for row in centering:
-        assert any(o["model"] == row["model"].replace("ccc_centering", "mean") and o["scored_on"] == row["scored_on"]
-                   for o in rows)
+        assert any(o.merge == "mean" and o.member == row.member and o.source == row.source for o in rows)
+
+
+def specialist_members(rng, n_videos=12, t=200):
+    """Member 0 knows valence only, member 1 arousal only, member 2 is noise on both."""
+    labels, members = {}, {}
+    for i in range(n_videos):
+        y = np.tanh(np.cumsum(rng.normal(0, 0.15, size=(t, 2)), axis=0) * 0.5)
+        noise = rng.normal(0, 0.3, size=(3, t, 2))
+        a = np.stack([y[:, 0], rng.normal(0, 0.3, t)], axis=1) + noise[0] * 0.3
+        b = np.stack([rng.normal(0, 0.3, t), y[:, 1]], axis=1) + noise[1] * 0.3
+        labels[f"v{i:02d}"], members[f"v{i:02d}"] = y, np.stack([a, b, noise[2]])
+    return members, labels
+
+
+def test_auto_chooses_per_dimension_and_ignores_a_useless_member():
+    rng = np.random.default_rng(21)
+    members, labels = specialist_members(rng)
+    groups = {video: i % 4 for i, video in enumerate(members)}
+    merger = make_merger("auto").fit(members, labels, groups=groups)
+    assert merger.selected_by_ == "nested across folds"
+    assert merger.weights_[0, 0] > 0.9 and merger.weights_[1, 1] > 0.9  # valence from member 0, arousal from 1
+    assert merger.weights_[:, 2].max() < 0.05  # the noise member has (almost) no say
+    auto = score_videos(nested_predict(make_merger("auto"), members, labels, groups), labels)["mean"]
+    mean = score_videos(MeanMerge().predict(members), labels)["mean"]
+    assert auto > mean + 0.2
+    described = merger.describe(["a", "b", "noise"])
+    assert set(described["candidates"]) >= {"mean", "calibrated_mean", "weighted_calibrated", "a alone", "noise alone"}
+
+
+def test_auto_chooses_without_the_labels_it_is_scored_on():
+    rng = np.random.default_rng(22)
+    members, labels = specialist_members(rng)
+    groups = {video: i % 4 for i, video in enumerate(members)}
+    first = nested_predict(make_merger("auto"), members, labels, groups)
+    garbage = {v: (rng.uniform(-1, 1, y.shape) if groups[v] == 0 else y) for v, y in labels.items()}
+    second = nested_predict(make_merger("auto"), members, garbage, groups)
+    for video in members:
+        if groups[video] == 0:  # fold 0 was predicted by merges that never saw its (garbage) labels
+            np.testing.assert_array_equal(first[video], second[video])
+        else:  # every other fold's merge was fitted on fold 0's labels too
+            assert not np.array_equal(first[video], second[video])

@@ -23,7 +23,7 @@ from abaw import report
 from abaw.config import RunConfig
 from abaw.cv import run_cv
 from abaw.data import INVALID_LABEL, open_dataset
-from abaw.ensemble import honest_report
+from abaw.honest import REPORT_COLUMNS, honest_report
 from abaw.metrics import ccc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,9 +157,10 @@ def test_oof_scores_agree_with_summary_csv_and_a_pandas_recomputation(run_dir, i
 def test_merge_report_is_the_submission_report_with_every_row_scored(inputs):
     table = report.merge_report(inputs)
     expected = honest_report(inputs.members, inputs.labels, inputs.truth)
-    assert list(table.columns) == ["model", "ccc_v", "ccc_a", "mean", "frames", "scored_on"]
-    assert table["model"].tolist() == [r["model"] for r in expected]
-    assert table["mean"].to_numpy() == pytest.approx([r["mean"] for r in expected])
+    assert list(table.columns) == REPORT_COLUMNS
+    assert table["model"].tolist() == [r.model for r in expected]
+    assert table["kind"].tolist() == [r.kind.value for r in expected]
+    assert table["mean"].to_numpy() == pytest.approx([r.mean for r in expected])
     assert table["mean"].notna().all()  # holdout_val: every merge is scorable
     models = set(table["model"])
     for arch in ARCHS:
@@ -167,8 +168,12 @@ def test_merge_report_is_the_submission_report_with_every_row_scored(inputs):
         assert {f"run/{arch} folds merged: {m}" for m in ("mean", "median", "ccc_centering")} <= models
         assert f"run/{arch} fold models: average score" in models
     assert "mean over 2 members of fold ccc_centering" in models
-    assert {f"{name} over 2 members (of fold means)" for name in ("calibrated_mean", "weighted_calibrated")} <= models
-    assert set(table["scored_on"].map(report._source)) == {"holdout validation", "test ground truth (demo)"}
+    assert {f"{name} over 2 members" for name in ("calibrated_mean", "weighted_calibrated", "auto")} <= models
+    assert set(table.loc[table["kind"] == "predictor", "post"]) == {
+        "smoothing", "smoothing + lag", "smoothing + lag + calibration"}
+    assert set(table["source"]) == {"holdout", "test"}
+    fold_rows = table[table["kind"] == "fold_model"]
+    assert fold_rows["fold"].notna().all() and set(fold_rows["member"]) == {f"run/{a}" for a in ARCHS}
 
 
 def test_per_video_ccc_agrees_with_a_pandas_recomputation_from_oof_csv(run_dir, inputs, labels):

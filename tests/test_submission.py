@@ -14,9 +14,10 @@ import yaml
 
 from abaw import demo
 from abaw.data import open_dataset, parse_sample_file
-from abaw.ensemble import LEARNED_MERGES, fold_merged, make_merger, nested_predict, score_videos, stack_members
-from abaw.runs import Run, RunError, read_oof, read_predictions, write_predictions
-from abaw.submission import (SubmissionExists, carry_nearest, check_submission, load_inputs, main, read_submission,
+from abaw.ensemble import LEARNED_MERGES, make_merger, nested_predict, score_videos, stack_members
+from abaw.honest import fold_merged
+from abaw.runs import Run, RunError, load_inputs, read_oof, read_predictions, write_predictions
+from abaw.submission import (SubmissionExists, carry_nearest, check_submission, main, read_submission,
                              sample_values, write_submission)
 
 TINY = demo.DemoSpec(n_train=6, n_val=4, n_test=3, max_frames=500)
@@ -285,15 +286,15 @@ def test_check_cli_accepts_a_valid_file(valid_lines, sample, tmp_path, capsys):
 
 def _single_fold_test_average(rows, run_name):
     """The 'average score' rows of the single fold models on the demo test ground truth."""
-    return [r["mean"] for r in rows if r["model"].startswith(run_name) and "average score" in r["model"]
-            and r["scored_on"].startswith("test ground truth")]
+    return [r["mean"] for r in rows if r["member"].startswith(run_name) and r["kind"] == "fold_average"
+            and r["source"] == "test"]
 
 
 @pytest.mark.parametrize("merge", ["ccc_centering", "weighted_calibrated"])
 def test_merged_submission_scores_at_least_the_mean_of_single_fold_models(grouped_run, tiny_demo, tmp_path, merge):
     """Done-when of issue #5, on synthetic fold predictions (the engine adds the real-run version)."""
     out = tmp_path / f"sub_{merge}"
-    assert main(["--runs", str(grouped_run), "--merge", merge, "--out", str(out), "--report"]) == 0
+    assert main(["--runs", str(grouped_run), "--merge", merge, "--post", "none", "--out", str(out), "--report"]) == 0
     sample = parse_sample_file(next(tiny_demo.glob("*test_set_sample*")))[0]
     assert check_submission(out / "predictions.txt", sample) == []
     merged = score_videos(read_submission(out / "predictions.txt"), demo.load_ground_truth(tiny_demo))["mean"]
@@ -339,7 +340,7 @@ def test_a_learned_submission_has_the_spread_of_the_predictor_the_report_scored(
     scored = _labelled_std(nested_predict(make_merger(merge), oof, inputs.labels, inputs.members[0].oof_fold),
                            inputs.labels)
     out = tmp_path / "sub"
-    assert main(["--runs", str(grouped_run), "--merge", merge, "--out", str(out), "--report"]) == 0
+    assert main(["--runs", str(grouped_run), "--merge", merge, "--post", "none", "--out", str(out), "--report"]) == 0
     written = np.loadtxt(out / "predictions.txt", delimiter=",", skiprows=1, usecols=(1, 2))
     assert np.abs(written.std(axis=0) / scored - 1).max() <= 0.05, written.std(axis=0) / scored
 
@@ -353,8 +354,7 @@ def test_a_learned_submission_has_the_spread_of_the_predictor_the_report_scored(
     restored = json.loads((out / "manifest.json").read_text())["merge"]["spread_restored"]
     assert np.all(np.array(restored["factor"]) > 1) and "no labels" in restored["how"]
     rows = _read_report(out / "report.csv")  # the report's test row scores what was written
-    test_row = next(r for r in rows if r["model"] == f"{merge} over 2 members (of fold means)"
-                    and r["scored_on"].startswith("test ground truth"))
+    test_row = next(r for r in rows if r["kind"] == "merge" and r["merge"] == merge and r["source"] == "test")
     assert test_row["mean"] == pytest.approx(rows[-1]["mean"], abs=5e-4)  # apart from clipping to [-1, 1]
 
 
@@ -376,8 +376,9 @@ def test_report_only_writes_its_csv_and_no_submission(grouped_run, tmp_path, mon
     models = [r["model"] for r in rows]
     assert "grouped/tcn fold 0" in models and "mean over 2 members (OOF predictions)" in models
     fold0 = next(r for r in rows if r["model"] == "grouped/tcn fold 0")
-    assert fold0["scored_on"].startswith("OOF fold 0")
-    assert any(r["scored_on"].startswith("not scorable on OOF") for r in rows)
+    assert fold0["scored_on"].startswith("OOF fold 0") and (fold0["kind"], fold0["source"], fold0["fold"]) == (
+        "fold_model", "oof_fold", "0")
+    assert any(r["source"] == "none" and r["scored_on"].startswith("not scorable on OOF") for r in rows)
     assert "Honest ensemble report" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv"]  # no submissions/ folder
 
@@ -387,9 +388,10 @@ def test_holdout_runs_score_fold_models_and_merges_on_the_held_out_videos(tiny_d
     assert Run.open(run).holdout_videos() == [v.name for v in open_dataset(tiny_demo).split("val")]
     assert main(["--report", "--runs", str(run), "--report-csv", str(tmp_path / "r.csv")]) == 0
     rows = _read_report(tmp_path / "r.csv")
-    held = [r for r in rows if r["scored_on"].startswith("holdout validation")]
+    held = [r for r in rows if r["source"] == "holdout"]
     assert {"held/tcn fold 0", "held/tcn folds merged: mean", "held/tcn folds merged: ccc_centering",
-            "weighted_calibrated over 1 member (of fold means)"} <= {r["model"] for r in held}
+            "weighted_calibrated over 1 member", "auto over 1 member + smoothing + lag + calibration"
+            } <= {r["model"] for r in held}
     merged = next(r for r in held if r["model"] == "held/tcn folds merged: mean")
     average = next(r for r in held if r["model"] == "held/tcn fold models: average score")
     assert merged["mean"] > average["mean"]
@@ -411,7 +413,7 @@ def test_no_arguments_uses_the_latest_demo_run(tiny_demo, tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "Honest ensemble report: runs/demo_run" in out and "zip:" in out
     (folder,) = (tmp_path / "submissions").iterdir()
-    assert folder.name.startswith("demo_run_ccc_centering_")
+    assert folder.name.startswith("demo_run_auto_")
     written = {p.name for p in folder.iterdir()}
     assert written == {"predictions.txt", f"{folder.name}.zip", "manifest.json", "report.csv"}
     assert os.path.getsize(folder / f"{folder.name}.zip") > 0
