@@ -118,17 +118,34 @@ def _gaussian(x: np.ndarray, finite: np.ndarray, window: int) -> np.ndarray:
     return total / np.where(weight > 0, weight, 1.0)  # a finite frame weighs itself: weight >= 1 there
 
 
+def _window_counts(flags: np.ndarray, window: int) -> np.ndarray:
+    """How many flagged frames each centred, truncated window holds (cumulative sums, O(T))."""
+    counts = np.pad(np.concatenate([[0], np.cumsum(flags)]), window // 2, mode="edge")
+    return counts[window:window + len(flags)] - counts[:len(flags)]
+
+
 def _running_median(x: np.ndarray, finite: np.ndarray, window: int) -> np.ndarray:
+    """Frames whose whole window is inside the series and finite take scipy's plain running median;
+    the others (near an end or a gap) the gap-aware one, computed only on the pieces they need."""
     half, n = window // 2, len(x)
-    if finite.all() and n > 2 * window:
-        # No gaps: scipy's running median for the interior; the truncated windows of the first and
-        # last ``half`` frames from the gap-aware path on a short piece at each end.
-        out = ndimage.median_filter(x, size=window, mode="nearest")
-        piece = 2 * half
-        out[:half] = _gap_median(x[:piece], finite[:piece], window)[:half]
-        out[n - half:] = _gap_median(x[n - piece:], finite[n - piece:], window)[piece - half:]
-        return out
-    return _gap_median(x, finite, window)
+    plain = (_window_counts(~finite, window) == 0) & (_window_counts(np.ones(n, bool), window) == window)
+    need = finite & ~plain
+    covered = _window_counts(need, window) > 0  # the frames the needy frames' windows reach
+    if covered.mean() > 0.5:  # mostly needy: one gap-aware pass is cheaper than both
+        return _gap_median(x, finite, window)
+    out = ndimage.median_filter(np.where(finite, x, 0.0), size=window, mode="nearest")
+    if need.any():
+        # The covered runs laid end to end, ``half`` non-frames apart, so no window crosses from
+        # one run into the next; a needy frame's whole window lies inside its own run.
+        positions = np.flatnonzero(covered)
+        run = np.cumsum(np.diff(positions, prepend=-2) > 1) - 1
+        placed = np.arange(len(positions)) + half * run
+        pieces = np.full(placed[-1] + 1, np.nan)
+        pieces[placed] = x[positions]
+        median = _gap_median(pieces, np.isfinite(pieces), window)
+        needed = need[positions]
+        out[positions[needed]] = median[placed[needed]]
+    return out
 
 
 def _gap_median(x: np.ndarray, finite: np.ndarray, window: int) -> np.ndarray:
@@ -509,7 +526,7 @@ def _dimension_statistics(layout: _Layout, d: int, grid: _Grid) -> tuple[np.ndar
     for i, (kind, window) in enumerate(grid.smoothings):
         smoothed = smooth(x, kind, window)
         for j, source in enumerate(sources):
-            moving[i, j] = moments(smoothed[source])
+            moving[i, j] = moments(np.take(smoothed, source))  # np.take: ~4x faster than smoothed[source]
     return base, moving
 
 
