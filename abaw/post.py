@@ -250,7 +250,11 @@ def _sums(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_calibration(x, y) -> tuple[float, float]:
-    """(scale, shift) making ``scale * x + shift`` CCC-optimal for ``y`` (finite frames of both; see :func:`calibrate`)."""
+    """(scale, shift) making ``scale * x + shift`` CCC-optimal for ``y`` on the frames where both are finite.
+
+    The rule of :func:`_calibrated_ccc`: match y's mean and std if x correlates positively with y
+    (CCC then equals Pearson's r), else keep scale 1 and match the mean.
+    """
     x, y = _series(x), _series(y)
     keep = np.isfinite(x) & np.isfinite(y)
     _, scale, offset = _calibrated_ccc(_sums(x[keep], y[keep]), True)
@@ -340,10 +344,6 @@ class DimensionPost:
         return {"kind": self.kind, "window": self.window, "lag": self.lag, "calibrate": self.calibrate,
                 "scale": None if self.scale is None else round(float(self.scale), 6),
                 "shift": None if self.shift is None else round(float(self.shift), 6), "text": self.text()}
-
-    def unfitted(self) -> "DimensionPost":
-        """The same plan without fitted calibration values."""
-        return DimensionPost(self.kind, self.window, self.lag, self.calibrate)
 
 
 IDENTITY = DimensionPost()
@@ -531,7 +531,7 @@ def _dimension_statistics(layout: _Layout, d: int, grid: _Grid) -> tuple[np.ndar
 
 
 def _six(base: np.ndarray, moving: np.ndarray) -> np.ndarray:
-    """(..., 6) sums n, Σz, Σy, Σz², Σy², Σzy from base (n, Σy, Σy², ...) and moving (..., 3): Σz, Σz², Σzy."""
+    """(..., 6) sums n, Σz, Σy, Σz², Σy², Σzy from ``base`` (n, Σy, Σy², ...) and ``moving`` (..., 3)."""
     n, sum_y, sum_yy = (np.broadcast_to(base[k], moving.shape[:-1]) for k in range(3))
     return np.stack([n, moving[..., 0], sum_y, moving[..., 1], sum_yy, moving[..., 2]], axis=-1)
 
@@ -603,9 +603,10 @@ class PostProcessor(BaseEstimator):
             if kind not in KINDS:
                 raise ValueError(f"unknown smoothing {kind!r} in kinds; choose from {', '.join(KINDS)}")
         windows = [_check_window(w) for w in self.windows]
-        smoothings = [("none", 1)] + [(k, w) for k in dict.fromkeys(self.kinds) for w in dict.fromkeys(windows) if w > 1]
+        smoothings = [("none", 1)] + [(kind, window) for kind in dict.fromkeys(self.kinds)
+                                      for window in dict.fromkeys(windows) if window > 1]
         lags = [0] + [int(lag) for lag in dict.fromkeys(self.lags) if int(lag) != 0]
-        calibrations = (False, True) if any(bool(c) for c in self.calibrate) else (False,)
+        calibrations = (False, True) if np.atleast_1d(self.calibrate).any() else (False,)
         grid = _Grid(tuple(smoothings), tuple(lags), calibrations)
         return grid, grid
 

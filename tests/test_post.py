@@ -19,7 +19,7 @@ from abaw.post import (DimensionPost, PostProcessor, SpecError, calibrate, fit_c
 
 
 def reference_smooth(x, kind, window):
-    """Per frame: the finite frames of the window truncated at the ends; their mean, Gaussian-weighted mean or median."""
+    """Per frame: the finite frames of its window, truncated at the ends; their mean, weighted mean or median."""
     half, n = window // 2, len(x)
     out = np.full(n, np.nan)
     for t in range(n):
@@ -217,8 +217,8 @@ def test_the_fit_score_from_sums_equals_scoring_the_transformed_predictions():
         post = PostProcessor(spec, **SMALL_GRID).fit(predictions, labels)
         result = score_videos(post.transform(predictions), labels)
         np.testing.assert_allclose(post.fit_ccc_, [result["valence"], result["arousal"]], rtol=0, atol=1e-9)
-        np.testing.assert_allclose(post.identity_ccc_, [score_videos(predictions, labels)[k] for k in ("valence", "arousal")],
-                                   rtol=0, atol=1e-9)
+        raw = score_videos(predictions, labels)
+        np.testing.assert_allclose(post.identity_ccc_, [raw["valence"], raw["arousal"]], rtol=0, atol=1e-9)
         assert post.n_fit_frames_ == result["frames"]
 
 
