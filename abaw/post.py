@@ -573,8 +573,9 @@ class PostProcessor(BaseEstimator):
       ``SPEC_GRAMMAR``) fixing the choice; "cal" in a SPEC is fitted in ``fit``. A SPEC without
       "cal" ("none" included) learns nothing and needs no ``fit``.
     * ``kinds``, ``windows``, ``lags``, ``calibrate``: the "auto" grid. Windows are odd frame
-      counts spaced about x1.6 (CCC changes smoothly in log-window), 5 frames to 151 (~5 s at
-      Aff-Wild2's 30 fps; HSEmotion's gain came from ~100 frames). Lags 0-32 frames (0 to ~1 s)
+      counts spaced about x1.6 (CCC changes smoothly in log-window), 5 frames to 241 (~8 s at
+      Aff-Wild2's 30 fps; HSEmotion's gain came from ~100 frames, and on the demo arousal chose
+      151, the end of a grid that stopped there). Lags 0-32 frames (0 to ~1 s)
       cover the annotators' reaction delay; add negative lags to allow advancing. The identity
       (no smoothing, lag 0, no calibration) is always a candidate, and so are lag 0, no smoothing
       and no calibration, whatever the grid.
@@ -586,7 +587,7 @@ class PostProcessor(BaseEstimator):
     """
 
     def __init__(self, post: str = "auto", kinds: Sequence[str] = KINDS,
-                 windows: Sequence[int] = (5, 9, 15, 25, 41, 61, 101, 151),
+                 windows: Sequence[int] = (5, 9, 15, 25, 41, 61, 101, 151, 241),
                  lags: Sequence[int] = (0, 4, 8, 12, 16, 24, 32), calibrate: Sequence[bool] = (False, True)):
         self.post = post
         self.kinds = kinds

@@ -424,3 +424,32 @@ def test_check_with_a_missing_sample_file_is_a_clear_error(tmp_path, capsys):
 
     assert main(["--check", str(tmp_path / "x.txt"), "--sample", str(tmp_path / "missing.txt")]) == 1
     assert "missing.txt not found" in capsys.readouterr().out
+
+
+def test_the_submission_never_reads_test_or_held_out_labels(tiny_demo, tmp_path):
+    """Merge and post-processing are fitted on OOF only: other held-out and test labels, the same file."""
+    import shutil
+
+    from abaw.data import LABEL_DIR, SPLIT_DIRS
+
+    root = Path(shutil.copytree(tiny_demo, tmp_path / "demo"))
+    run = write_run(tmp_path / "runs" / "held", root, fold_mode="holdout_val")
+    assert main(["--runs", str(run), "--out", str(tmp_path / "a"), "--report"]) == 0
+
+    rng = np.random.default_rng(5)
+    for path in (root / LABEL_DIR / SPLIT_DIRS["val"]).glob("*.txt"):  # the held-out videos' labels
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join([lines[0]] + [f"{a:.3f},{b:.3f}" for a, b in rng.uniform(-1, 1, (len(lines) - 1, 2))])
+                        + "\n")
+    truth = (root / demo.GROUND_TRUTH_NAME).read_text().splitlines()
+    (root / demo.GROUND_TRUTH_NAME).write_text("\n".join(
+        [truth[0]] + [f"{line.split(',')[0]},{a:.3f},{b:.3f}" for line, (a, b) in
+                      zip(truth[1:], rng.uniform(-1, 1, (len(truth) - 1, 2)))]) + "\n")
+    assert main(["--runs", str(run), "--out", str(tmp_path / "b"), "--report"]) == 0
+
+    assert (tmp_path / "a" / "predictions.txt").read_bytes() == (tmp_path / "b" / "predictions.txt").read_bytes()
+    manifests = [json.loads((tmp_path / x / "manifest.json").read_text()) for x in "ab"]
+    assert manifests[0]["post"] == manifests[1]["post"] and manifests[0]["merge"] == manifests[1]["merge"]
+    assert manifests[0]["post"]["spec"] != "none"  # something was chosen, and chosen the same way
+    held = [[r["mean"] for r in _read_report(tmp_path / x / "report.csv") if r["source"] == "holdout"] for x in "ab"]
+    assert held[0] != held[1]  # the report did read the held-out labels: to score, never to choose

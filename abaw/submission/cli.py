@@ -86,6 +86,19 @@ def run_check(file: str, sample_path: str) -> int:
     return 0
 
 
+def print_choices(manifest: dict) -> None:
+    """What the merge and the post-processing chose on OOF, per dimension (the manifest has the numbers)."""
+    from ..console import console
+
+    chosen = manifest["merge"].get("learned", {}).get("chosen")
+    if chosen:
+        console.print(f"merge (chosen on OOF): valence {chosen['valence']}, arousal {chosen['arousal']}", markup=False)
+    post = manifest.get("post", {})
+    if "valence" in post:
+        console.print(f"post-processing (chosen on OOF): valence {post['valence']['text']}; "
+                      f"arousal {post['arousal']['text']}", markup=False)
+
+
 def default_out(run_path: str | Path, merge: str) -> Path:
     """A fresh folder name per call, so the no-argument demo command never meets an existing one."""
     return Path("submissions") / f"{Path(run_path).name}_{merge}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
@@ -138,6 +151,7 @@ def _make(args: argparse.Namespace, report: bool, write: bool) -> int:
             atomic_write_text(csv_path, report_csv(rows))
             console.print(f"report: {csv_path}")
     if submission:
+        print_choices(submission.manifest)
         console.print(f"submission: {submission.file}")
         console.print(f"zip: {submission.zip}")
     return 0
