@@ -324,6 +324,9 @@ class ContextRidge:
         self.mean_, self.components_, self.input_dims_ = {}, {}, {}
         for m in cfg.modalities:
             width = self._width(videos[0], m)
+            if cfg.dims.get(m, width) != width:
+                raise ValueError(f"{videos[0].name!r}: {m} features are {width}-d, but the config says "
+                                 f"{cfg.dims[m]}-d (input_dims)")
             pca = width > cfg.max_dim
             n, s = 0.0, np.zeros(width)
             xx = np.zeros((width, width)) if pca else None
@@ -401,10 +404,9 @@ class ContextRidge:
         """(T, k) centred (and projected) features, 0 where absent, and (T,) presence."""
         mean, comps = self.mean_[modality], self.components_[modality]
         width = self._width(video, modality)
-        expected = self.config.dims.get(modality, self.input_dims_[modality])
-        if width != self.input_dims_[modality] or width != expected:
-            raise ValueError(f"{video.name!r}: {modality} features are {width}-d, the model expects "
-                             f"{self.input_dims_[modality]}-d (config dims: {expected})")
+        if width != self.input_dims_[modality]:
+            raise ValueError(f"{video.name!r}: {modality} features are {width}-d, the model was fitted on "
+                             f"{self.input_dims_[modality]}-d")
         parts, presents = [], []
         for x, present in self._chunks(video, modality):
             x = x - mean
