@@ -30,10 +30,11 @@ plus the presence terms).
 
 Fit, streaming (the training set never sits in RAM; only one video's design matrix, float32):
 
-1. Projection pass: per modality, the mean of the present frames (and, when D_m > max_dim, their
-   covariance, from every ``pca_stride``-th frame: neighbouring frames at 25-60 fps are near
-   duplicates) accumulated in float64 over float32 chunks read from the memory-mapped files. PCA =
-   the top eigenvectors of that covariance. Label-free; its frames are the training videos' only.
+1. Projection pass: per modality, the mean of the present frames and, when D_m > max_dim, their
+   covariance, both from every ``pca_stride``-th frame (neighbouring frames at 25-60 fps are near
+   duplicates; only those rows are read), accumulated in float64 over float32 chunks of the
+   memory-mapped files. PCA = the top eigenvectors of that covariance. Label-free; its frames are
+   the training videos' only.
 2. Statistics pass: the training videos are split into ``inner_folds`` groups by subject (balanced
    by labelled frames; the parts and sides of a recording stay together). Each video's design
    matrix is built in float32 and its labelled rows added, in float64, to its group's sufficient
@@ -77,6 +78,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from abaw.io import atomic_path, atomic_write_json
 from abaw.metrics import EPS
@@ -202,6 +204,14 @@ class Stats:
         return tuple(a[g] for a in (self.n, self.sx, self.xx, self.xy, self.sy, self.syy))
 
 
+def eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.linalg.eigh`` on one BLAS thread. With torch loaded (its OpenMP pool beside OpenBLAS's
+    threads), a threaded eigendecomposition of a few hundred columns was measured 10-50x slower
+    on 2 cores (2.2 s instead of 0.04 s for 390 columns); single-threaded it never is."""
+    with threadpool_limits(1, user_api="blas"):
+        return np.linalg.eigh(a)
+
+
 def ridge_path(n, sx, xx, xy, sy, alphas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Ridge on standardised columns for every alpha, from statistics -> W (A, P, 2), b (A, 2) on raw columns.
 
@@ -219,7 +229,7 @@ def ridge_path(n, sx, xx, xy, sy, alphas: Sequence[float]) -> tuple[np.ndarray, 
     corr[const, :] = corr[:, const] = 0.0
     r = (xy - n * np.outer(mu, my)) / n / scale[:, None]                # (P, 2) standardised X'y / n
     r[const] = 0.0
-    lam, q = np.linalg.eigh(corr)
+    lam, q = eigh(corr)
     lam = np.clip(lam, 0.0, None)
     qr = q.T @ r                                                        # (P, 2)
     alphas = np.asarray(alphas, np.float64)
@@ -331,8 +341,8 @@ class ContextRidge:
             n, s = 0.0, np.zeros(width)
             xx = np.zeros((width, width)) if pca else None
             for video in videos:
-                for x, present in self._chunks(video, m):
-                    x = x[present][:: cfg.pca_stride]
+                for x, present in self._chunks(video, m, cfg.pca_stride):
+                    x = x[present]
                     n += len(x)
                     s += x.sum(0, dtype=np.float64)
                     if pca:
@@ -342,7 +352,7 @@ class ContextRidge:
             self.components_[m] = None
             if pca:
                 cov = xx / max(n, 1.0) - np.outer(mean, mean)
-                lam, vec = np.linalg.eigh(cov)
+                lam, vec = eigh(cov)
                 top = vec[:, ::-1][:, : cfg.max_dim]
                 signs = np.sign(top[np.abs(top).argmax(0), np.arange(top.shape[1])])  # deterministic signs
                 self.components_[m] = (top * np.where(signs == 0, 1, signs)).astype(np.float32)
@@ -388,10 +398,11 @@ class ContextRidge:
 
     # ---------------------------------------------------------------- features and prediction
     @staticmethod
-    def _chunks(video, modality: str):
-        """(L, D) float32 zero-filled features and (L,) presence of ``video``, CHUNK frames at a time."""
-        for start in range(0, video.n_frames, CHUNK):
-            yield video.features(modality, start, min(start + CHUNK, video.n_frames))
+    def _chunks(video, modality: str, step: int = 1):
+        """(L, D) float32 zero-filled features and (L,) presence of ``video`` (every ``step``-th frame),
+        CHUNK frames at a time."""
+        for start in range(0, video.n_frames, CHUNK * step):
+            yield video.features(modality, start, min(start + CHUNK * step, video.n_frames), step)
 
     @staticmethod
     def _width(video, modality: str) -> int:
