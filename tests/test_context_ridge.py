@@ -215,3 +215,13 @@ def test_alpha_and_weights_never_see_the_fold_videos(small_root, tmp_path):
     _, split = fit(set(), "stop_split", stop_split=0.3)
     assert split.stop_videos and {v.name for v in split.fit_videos} == set(train_videos)
     assert set(ContextRidge.load(tmp_path / "stop_split" / "fold0").groups_) == set(train_videos)
+
+
+def test_one_subject_has_nothing_to_hold_out(tmp_path):
+    videos = make_videos(tmp_path, {"visual": 6}, lengths=(120, 90))
+    for v in videos:
+        v.subject = "only"
+    model = ridge(scales=(5, 21)).fit(videos)
+    assert np.isnan(model.cv_ccc_).all() and model.alpha_.tolist() == [model.config.alphas[7]] * 2
+    np.testing.assert_array_equal(model.calibration_, [[1, 1], [0, 0]])
+    assert np.isfinite(model.predict(videos[0])).all()

@@ -103,6 +103,7 @@ class ContextRidgeConfig:
     inner_folds: int = 5      # subject-grouped inner CV on the training videos that chooses alpha
     calibrate: bool = True    # match the labels' mean and std on the out-of-group predictions
 
+    # demo: fewer components (the demo's features show a 2-d latent; a 2.5x smaller design)
     SIZES: ClassVar[dict] = {"abaw": {}, "demo": {"max_dim": 32}}
 
     def __post_init__(self):
@@ -311,21 +312,14 @@ class ContextRidge:
         self.groups_ = {v.name: g for v, g in zip(videos, group_of)}
         stats = self._accumulate(videos, group_of)
         self.n_frames_ = int(stats.n.sum())
-        total = stats.total()
-        w_all, b_all = ridge_path(*total[:5], cfg.alphas)               # (A, P, 2), (A, 2)
-        if len(stats.n) >= 2:
-            self._choose_alpha(stats)
-        else:  # one subject: nothing to hold out; the middle of the grid, uncalibrated
-            mid = len(cfg.alphas) // 2
-            self.cv_ccc_ = self.cv_ccc_raw_ = np.full((len(cfg.alphas), 2), np.nan)
-            self._alpha_index = np.array([mid, mid])
-            self.calibration_ = np.array([[1.0, 1.0], [0.0, 0.0]])
+        best = self._choose_alpha(stats)                                # (2,) index into alphas per target
+        w_all, b_all = ridge_path(*stats.total()[:5], cfg.alphas)      # (A, P, 2), (A, 2): every group
         cols = np.arange(2)
-        w, b = w_all[self._alpha_index, :, cols].T, b_all[self._alpha_index, cols]  # (P, 2), (2,)
+        w, b = w_all[best, :, cols].T, b_all[best, cols]                # (P, 2), (2,)
         scale, shift = self.calibration_
         self.coef_ = w * scale
         self.intercept_ = b * scale + shift
-        self.alpha_ = np.asarray(cfg.alphas)[self._alpha_index]
+        self.alpha_ = np.asarray(cfg.alphas)[best]
         return self
 
     def _fit_projection(self, videos) -> None:
@@ -372,9 +366,14 @@ class ContextRidge:
                 stats.add(g, x[start:start + CHUNK], y[start:start + CHUNK])
         return stats
 
-    def _choose_alpha(self, stats: Stats) -> None:
-        """Leave-one-group-out CCC of every alpha from the statistics; alpha and calibration per target."""
+    def _choose_alpha(self, stats: Stats) -> np.ndarray:
+        """Leave-one-group-out CCC of every alpha from the statistics (``cv_ccc_``, ``cv_ccc_raw_``) and
+        the calibration (``calibration_``); returns the chosen alpha's index per target."""
         alphas = self.config.alphas
+        self.calibration_ = np.array([[1.0, 1.0], [0.0, 0.0]])  # rows: scale, shift per target
+        if len(stats.n) < 2:  # one subject: nothing to hold out; the middle of the grid, uncalibrated
+            self.cv_ccc_ = self.cv_ccc_raw_ = np.full((len(alphas), 2), np.nan)
+            return np.full(2, len(alphas) // 2)
         total = stats.total()
         pooled = np.zeros((3, len(alphas), 2))  # sum p, sum p^2, sum py over every group's held-out rows
         for g in range(len(stats.n)):
@@ -388,13 +387,11 @@ class ContextRidge:
         self.cv_ccc_raw_ = ccc_from_sums(n, *pooled, sy, syy)[0]
         calibrated, scale, shift = ccc_from_sums(n, *pooled, sy, syy, calibrated=True)
         self.cv_ccc_ = calibrated if self.config.calibrate else self.cv_ccc_raw_
-        # argmax: the first best; NaN (e.g. a constant target) counts as worst
-        self._alpha_index = np.nan_to_num(self.cv_ccc_, nan=-np.inf).argmax(0)
-        cols = np.arange(2)
+        best = np.nan_to_num(self.cv_ccc_, nan=-np.inf).argmax(0)  # the first best; NaN counts as worst
         if self.config.calibrate:
-            self.calibration_ = np.stack([scale[self._alpha_index, cols], shift[self._alpha_index, cols]])
-        else:
-            self.calibration_ = np.array([[1.0, 1.0], [0.0, 0.0]])
+            cols = np.arange(2)
+            self.calibration_ = np.stack([scale[best, cols], shift[best, cols]])
+        return best
 
     # ---------------------------------------------------------------- features and prediction
     @staticmethod
