@@ -5,6 +5,7 @@ Run folder (read by make_submission.py, the report and the notebooks)::
     runs/<name>/config.yaml              fully resolved config
     runs/<name>/folds.csv                video,subject,split,fold (fold -1: held out of the CV)
     runs/<name>/<arch>/fold<k>/          model.pt, metrics.json, history.csv, oof.csv
+                                         (a classical arch: model.npz + model.json, metrics.json, oof.csv)
     runs/<name>/<arch>/oof.csv           video,frame,valence,arousal,fold: every labelled train+val frame
     runs/<name>/<arch>/test/fold<k>.csv  video,frame,valence,arousal: every frame of every test video
     runs/<name>/<arch>/holdout/fold<k>.csv  (fold_mode holdout_val) every frame of the held-out videos
@@ -97,12 +98,15 @@ def _fold_job(config: RunConfig, arch: str, fold: int, dataset: Dataset, folds: 
 
     The device is borrowed from a shared pool for the fold's duration, so two folds never share a
     GPU however joblib schedules them."""
+    from threadpoolctl import threadpool_limits
+
     torch.set_num_threads(threads)
     device = device_pool.get()
     try:
         trainer = FoldTrainer(config, arch, fold, dataset, folds, out / arch / f"fold{fold}",
                               device=torch.device(device), progress=events.put)
-        return asdict(trainer.run())
+        with threadpool_limits(threads):  # numpy's BLAS too (a classical fit is numpy matrix products)
+            return asdict(trainer.run())
     finally:
         device_pool.put(device)
 
@@ -130,7 +134,9 @@ class CVProgress:
         key = (event["arch"], event["fold"])
         bar = self.ids[key]
         kind = event["kind"]
-        if kind in ("start", "resumed"):
+        if kind == "start" and event.get("epochs") == 0:  # a classical fold: one fit, then done (a 1-step bar)
+            self.bars.update(bar, total=1, completed=0, note="fitting")
+        elif kind in ("start", "resumed"):
             self.bars.update(bar, completed=event.get("epoch", 0), note="training")
         elif kind == "step":
             self.bars.update(bar, completed=event["epoch"] + event["step"] / event["steps"])

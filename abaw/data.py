@@ -214,15 +214,16 @@ class VideoRecord:
     def _memmap(self, modality: str) -> np.ndarray:
         return np.load(self.feature_paths[modality], mmap_mode="r")
 
-    def features(self, modality: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Frames [start, stop) of one modality as float32 (L, D), and the presence mask (L,).
+    def features(self, modality: str, start: int = 0, stop: int | None = None,
+                 step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Frames [start, stop) (every ``step``-th) of one modality as float32 (L, D), and the presence mask (L,).
 
         Rows past the file's end carry its last row (the alignment rule, within ``FRAME_TOLERANCE``);
         NaN rows (no face / no feature) come back zero-filled with presence False.
         """
         stop = self.n_frames if stop is None else stop
         array = self._memmap(modality)
-        rows = np.clip(np.arange(start, stop), 0, len(array) - 1)
+        rows = np.clip(np.arange(start, stop, step), 0, len(array) - 1)
         window = np.asarray(array[rows], dtype=np.float32)
         present = ~np.isnan(window).any(axis=1)
         window[~present] = 0.0

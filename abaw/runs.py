@@ -4,7 +4,7 @@ Layout of ``runs/<name>/``::
 
     config.yaml                  the fully resolved RunConfig (data_root, arch, folds, fold_mode, seed, ...)
     folds.csv                    video,subject,split,fold   (fold -1: held out of CV, fold_mode "holdout_val")
-    <arch>/fold<k>/              model.pt, metrics.json, history.csv
+    <arch>/fold<k>/              model.pt, metrics.json, history.csv (classical: model.npz + model.json, metrics.json)
     <arch>/oof.csv               video,frame,valence,arousal,fold   every labelled train+val frame, predicted
                                  by the one fold model that did not train on it
     <arch>/test/fold<k>.csv      video,frame,valence,arousal        every frame of every test video

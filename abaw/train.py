@@ -3,6 +3,11 @@
 A fold folder holds ``model.pt`` (best epoch), ``history.csv``, ``last.pt`` (resume checkpoint,
 deleted once the fold completes) and ``metrics.json``, written last: its presence marks the fold
 complete. Every file is written atomically, so a kill at any point loses at most the epoch in flight.
+
+A classical architecture (``abaw.models.is_classical``: ``fit``/``predict``, e.g. ``context_ridge``)
+is fitted once on the fold's training videos instead (nothing early-stops, so a stop split goes back
+into training); its fold folder holds ``model.npz`` + ``model.json`` (:func:`load_classical`), the
+same prediction files and ``metrics.json`` (best_epoch -1, epochs_run 0). A killed fit is redone.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from .data import Dataset, VideoRecord
 from .devices import resolve_device
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .metrics import ccc_loss, score
-from .models import create_model
+from .models import create_model, is_classical, model_class, model_info
 from .runs import write_predictions
 from .windows import WindowDataset, predict_video
 
@@ -60,26 +65,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _check_modalities(arch: str, info, dataset: Dataset) -> None:
+    missing = [m for m in info.modalities if m not in dataset.modalities]
+    if missing:
+        raise ValueError(f"{arch} needs modalities {list(info.modalities)} but {dataset.root}/features has "
+                         f"no {missing}; available: {sorted(dataset.modalities)}")
+
+
 def build_model(config: RunConfig, arch: str, dataset: Dataset) -> torch.nn.Module:
     """The architecture at the run's size, with the dataset's feature dims and the run's overrides."""
-    from .models import model_info
-
     overrides = dict(config.model.get(arch, {}))
     input_dims = {m: d + int(config.presence) for m, d in dataset.modalities.items()}  # + the presence channel
     info = model_info(arch, size=config.size, input_dims=input_dims, **overrides)
     if config.dropout is not None:  # the run-wide dropout sets every dropout field the config has
         for name in DROPOUT_FIELDS & {f.name for f in fields(info.config)}:
             overrides.setdefault(name, config.dropout)
-    missing = [m for m in info.modalities if m not in dataset.modalities]
-    if missing:
-        raise ValueError(f"{arch} needs modalities {list(info.modalities)} but {dataset.root}/features has "
-                         f"no {missing}; available: {sorted(dataset.modalities)}")
+    _check_modalities(arch, info, dataset)
     model = create_model(arch, size=config.size, input_dims=input_dims, **overrides)
     model.presence_channel = config.presence  # read by WindowDataset and predict_video
     if getattr(model, "out_dim", 2) != 2:
         raise ValueError(f"{arch} predicts {model.out_dim} output(s) (single_target); cross-validation "
                          f"trains joint valence-arousal models")
     return model
+
+
+def build_classical(config: RunConfig, arch: str, dataset: Dataset):
+    """An unfitted classical estimator at the run's size, with the dataset's feature dims and the run's
+    overrides. It reads the features itself: the run's presence channel and dropout do not apply."""
+    overrides = dict(config.model.get(arch, {}))
+    info = model_info(arch, size=config.size, input_dims=dataset.modalities, **overrides)
+    _check_modalities(arch, info, dataset)
+    return create_model(arch, size=config.size, input_dims=dataset.modalities, **overrides)
+
+
+def load_classical(fold_dir: str | Path):
+    """The fitted classical model a fold folder holds (``model.json`` names its architecture)."""
+    import json
+
+    arch = json.loads((Path(fold_dir) / "model.json").read_text())["arch"]
+    return model_class(arch).load(fold_dir)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -105,13 +129,24 @@ def evaluate(model, videos: list[VideoRecord], config: RunConfig, device) -> tup
     """Whole-video predictions of ``videos`` and their CCC over all labelled frames concatenated."""
     preds = {v.name: predict_video(model, v, config.window, config.hop, device, config.full_sequence_predict)
              for v in videos}
+    return score_videos(preds, videos), preds
+
+
+def evaluate_classical(model, videos: list[VideoRecord]) -> tuple[dict[str, float], dict]:
+    """:func:`evaluate` for a fitted classical model (``model.predict(video)`` -> (T, 2))."""
+    preds = {v.name: model.predict(v) for v in videos}
+    return score_videos(preds, videos), preds
+
+
+def score_videos(preds: dict[str, np.ndarray], videos: list[VideoRecord]) -> dict[str, float]:
+    """CCC over all labelled frames of ``videos`` concatenated ({} when none is labelled)."""
     labelled = [v for v in videos if v.labels is not None]
     if not labelled:
-        return {}, preds
+        return {}
     pred = np.concatenate([preds[v.name] for v in labelled])
     target = np.concatenate([v.labels for v in labelled])
     mask = np.concatenate([v.label_mask for v in labelled])
-    return score(pred, target, mask), preds
+    return score(pred, target, mask)
 
 
 def save_predictions(path: Path, preds: dict[str, np.ndarray], videos: list[VideoRecord], labelled_only: bool,
@@ -192,6 +227,12 @@ class FoldTrainer:
     def seed(self) -> int:
         return self.config.seed * 1000 + self.fold
 
+    @property
+    def fit_videos(self) -> list[VideoRecord]:
+        """Every training video of the fold: a classical fit early-stops on nothing, so the stop split
+        (with stop_split > 0) goes back into training."""
+        return self.train_videos + (self.stop_videos if self.config.stop_split > 0 else [])
+
     def _emit(self, **event) -> None:
         self.progress({"arch": self.arch, "fold": self.fold, **event})
 
@@ -258,6 +299,22 @@ class FoldTrainer:
         self._save_best(model, state["epoch"])
 
     def _train(self) -> FoldResult:
+        """Fit the fold's model and write its predictions: epochs for a neural arch, one fit for a classical one."""
+        if is_classical(self.arch):
+            return self._fit_classical()
+        return self._train_neural()
+
+    def _fit_classical(self) -> FoldResult:
+        """One fit on every training video, saved, then the fold's, test and held-out videos predicted."""
+        self._emit(kind="start", epochs=0, epoch=0, steps=0)
+        model = build_classical(self.config, self.arch, self.dataset)
+        model.fit(self.fit_videos)
+        model.save(self.out, extra={"arch": self.arch, "fold": self.fold, "run_config": asdict(self.config)})
+        val = self._write_predictions(lambda videos: evaluate_classical(model, videos))
+        return FoldResult(self.arch, self.fold, "completed", val["valence"], val["arousal"], val["mean"],
+                          best_epoch=-1, epochs_run=0, stop_ccc=val["mean"])
+
+    def _train_neural(self) -> FoldResult:
         cfg = self.config
         seed_everything(self.seed)
         model = build_model(cfg, self.arch, self.dataset).to(self.device)
@@ -331,17 +388,19 @@ class FoldTrainer:
         cfg = self.config
         best = torch.load(self.out / "model.pt", map_location=self.device, weights_only=False)
         model.load_state_dict(best["state_dict"])
-        val, val_preds = evaluate(model, self.val_videos, cfg, self.device)
-        save_predictions(self.out / "oof.csv", val_preds, self.val_videos, labelled_only=True, fold=self.fold)
-        arch_dir = self.out.parent
-        if self.test_videos:
-            _, test_preds = evaluate(model, self.test_videos, cfg, self.device)
-            save_predictions(arch_dir / "test" / f"fold{self.fold}.csv", test_preds, self.test_videos,
-                             labelled_only=False)
-        if self.holdout_videos:
-            _, holdout_preds = evaluate(model, self.holdout_videos, cfg, self.device)
-            save_predictions(arch_dir / "holdout" / f"fold{self.fold}.csv", holdout_preds, self.holdout_videos,
-                             labelled_only=False)
+        val = self._write_predictions(lambda videos: evaluate(model, videos, cfg, self.device))
         stop_ccc = state["best"] if cfg.stop_split > 0 else val["mean"]
         return FoldResult(self.arch, self.fold, "completed", val["valence"], val["arousal"], val["mean"],
                           state["best_epoch"], state["epoch"], stop_ccc=stop_ccc)
+
+    def _write_predictions(self, predict: Callable[[list[VideoRecord]], tuple[dict, dict]]) -> dict[str, float]:
+        """oof.csv (the fold's labelled frames), test/fold<k>.csv and holdout/fold<k>.csv (every frame)
+        from ``predict(videos) -> (scores, preds)``; returns the fold's scores."""
+        val, val_preds = predict(self.val_videos)
+        save_predictions(self.out / "oof.csv", val_preds, self.val_videos, labelled_only=True, fold=self.fold)
+        arch_dir = self.out.parent
+        for folder, videos in (("test", self.test_videos), ("holdout", self.holdout_videos)):
+            if videos:
+                _, preds = predict(videos)
+                save_predictions(arch_dir / folder / f"fold{self.fold}.csv", preds, videos, labelled_only=False)
+        return val

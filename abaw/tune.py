@@ -46,7 +46,7 @@ from .data import Dataset
 from .folds import load_or_make_folds
 from .cv import fold_ids
 from .io import atomic_path, atomic_write_text
-from .models import model_info
+from .models import is_classical, model_info
 from .train import FoldTrainer, TrainingDiverged
 
 PRUNERS = ("median", "hyperband", "none")
@@ -260,6 +260,14 @@ def _create_or_join(study_name: str, storage: str | None, study_dir: Path, creat
     raise AssertionError("unreachable")
 
 
+def check_tunable(arch: str) -> None:
+    """A classical architecture has no epochs to prune and no training parameters to search."""
+    if is_classical(arch):
+        raise ValueError(f"{arch} is a classical model: it chooses its own penalty by a subject-grouped inner "
+                         f"cross-validation on each fold's training videos, and has no epochs, learning rate or "
+                         f"windows to tune. Cross-validate it without --tune: python run_cv.py --arch {arch}")
+
+
 def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int, storage: str | None = None,
               pruner: str = "median", tune_folds: list[int] | None = None, folds_dir: str | Path = "folds",
               timeout: float | None = None) -> optuna.Study:
@@ -267,6 +275,7 @@ def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int,
     if len(base.arch) != 1:
         raise ValueError(f"--tune tunes one architecture at a time, got {base.arch}")
     arch = base.arch[0]
+    check_tunable(arch)
     study_dir = Path(base.out)
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(study_dir / "tune_config.yaml", yaml.safe_dump(

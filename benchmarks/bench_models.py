@@ -1,4 +1,4 @@
-"""CPU forward+backward time and peak memory of every registered architecture.
+"""CPU forward+backward time and peak memory of every registered neural architecture.
 
     python benchmarks/bench_models.py                       # ABAW-sized, batch 8, L = 300, 1200, 4800
     python benchmarks/bench_models.py --size demo
@@ -123,7 +123,8 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="abaw", choices=["abaw", "demo"])
-    p.add_argument("--archs", nargs="+", default=None, help=f"default: all ({', '.join(list_models())})")
+    neural = list_models(kind="neural")  # classical models have no forward pass (bench_context_ridge.py)
+    p.add_argument("--archs", nargs="+", default=None, help=f"default: all ({', '.join(neural)})")
     p.add_argument("--lengths", nargs="+", type=int, default=[300, 1200, 4800])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
@@ -139,10 +140,10 @@ def main() -> None:
                                 args.max_gb)))
         return
 
-    archs = args.archs or list_models()
-    unknown = sorted(set(archs) - set(list_models()))
+    archs = args.archs or neural
+    unknown = sorted(set(archs) - set(neural))
     if unknown:
-        p.error(f"unknown archs {unknown}; known: {', '.join(list_models())}")
+        p.error(f"unknown or classical archs {unknown}; neural: {', '.join(neural)}")
     results: dict[str, dict[int, dict]] = {}
     for arch in archs:
         results[arch] = {}

@@ -99,3 +99,33 @@ def raw_root(tmp_path_factory) -> Path:
     from abaw import raw_demo
 
     return raw_demo.generate_raw(tmp_path_factory.mktemp("raw") / "root")
+
+
+def make_videos(folder: Path, dims: dict[str, int] | None = None, lengths=(120, 90, 150, 60, 200, 80, 110, 70),
+                seed: int = 0, split: str = "train", noise=0.5):
+    """Labelled ``VideoRecord``s over .npy features written to ``folder`` (for models fitted on videos).
+
+    Video i belongs to subject ``s{i // 2}``. Each has a smooth latent (T, 2) that its labels follow
+    (tanh) and its features show through a fixed random mixing plus noise (``noise``: its standard
+    deviation, one or one per column); a stretch of NaN rows (no face) and a stretch of -5 labels.
+    """
+    from abaw.data import VideoRecord
+
+    dims = dims or {"visual": 8}
+    rng = np.random.default_rng(seed)
+    mixing = {m: rng.standard_normal((2, d)) for m, d in dims.items()}
+    videos = []
+    for i, n in enumerate(lengths):
+        steps = rng.standard_normal((n, 2))
+        latent = np.cumsum(steps, axis=0) / np.sqrt(n) + rng.standard_normal(2) * 0.3
+        labels = np.tanh(latent).astype(np.float32)
+        labels[n // 5:n // 5 + 5] = -5
+        paths = {}
+        for m, d in dims.items():
+            feats = (latent @ mixing[m] + noise * rng.standard_normal((n, d))).astype(np.float32)
+            feats[n // 2:n // 2 + n // 6] = np.nan
+            paths[m] = folder / m / f"v{i}.npy"
+            paths[m].parent.mkdir(parents=True, exist_ok=True)
+            np.save(paths[m], feats)
+        videos.append(VideoRecord(f"v{i}", f"s{i // 2}", split, n, labels, paths))
+    return videos

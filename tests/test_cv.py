@@ -131,11 +131,11 @@ def test_parallel_folds_in_worker_processes_match_one_process(small_root, tmp_pa
     dataset = open_dataset(small_root)
     runs = {}
     for jobs in (1, 2):
-        config = RunConfig(arch=["linear"], folds=3, epochs=1, window=200, hop=200, jobs=jobs,
+        config = RunConfig(arch=["linear", "context_ridge"], folds=3, epochs=1, window=200, hop=200, jobs=jobs,
                            out=str(tmp_path / f"jobs{jobs}"))
         assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
         runs[jobs] = pd.read_csv(tmp_path / f"jobs{jobs}" / "summary.csv")
-    assert list(runs[2].status) == ["completed"] * 4
+    assert list(runs[2].status) == ["completed"] * 8
     np.testing.assert_allclose(runs[1].ccc, runs[2].ccc, atol=1e-4)  # thread counts differ, the math doesn't
 
 
@@ -239,3 +239,40 @@ def test_a_run_made_before_an_option_existed_resumes_with_its_default(small_root
     assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
     with pytest.raises(RunConflict, match=r"presence: False -> True"):
         run_cv(RunConfig(**{**vars(config), "presence": True}), dataset, folds_dir=tmp_path / "folds")
+
+
+def test_a_classical_arch_cross_validates_beside_a_neural_one(small_root, tmp_path):
+    """run_cv.py --arch context_ridge tcn: the same files and summary rows for both kinds."""
+    from abaw.train import load_classical
+
+    dataset = open_dataset(small_root)
+    config = RunConfig(arch=["context_ridge", "tcn"], folds=3, epochs=1, window=200, hop=200, out=str(tmp_path / "run"))
+    assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
+    run = tmp_path / "run"
+    summary = pd.read_csv(run / "summary.csv", dtype={"fold": str})
+    for arch in ("context_ridge", "tcn"):
+        rows = summary[summary.arch == arch]
+        assert list(rows.fold) == ["0", "1", "2", "oof"] and (rows.status == "completed").all()
+        assert len(pd.read_csv(run / arch / "oof.csv")) == sum(v.label_mask.sum() for v in dataset.split("train", "val"))
+    assert summary.set_index(["arch", "fold"]).loc[("context_ridge", "oof"), "ccc"] > 0.5
+    test_frames = sum(v.n_frames for v in dataset.split("test"))
+    for k in range(3):
+        fold = run / "context_ridge" / f"fold{k}"
+        assert sorted(p.name for p in fold.iterdir()) == ["metrics.json", "model.json", "model.npz", "oof.csv"]
+        metrics = yaml.safe_load((fold / "metrics.json").read_text())
+        assert (metrics["best_epoch"], metrics["epochs_run"], metrics["stop_ccc"]) == (-1, 0, metrics["mean"])
+        test = pd.read_csv(run / "context_ridge" / "test" / f"fold{k}.csv", dtype={"video": str})
+        assert len(test) == test_frames
+        model = load_classical(fold)  # the saved model predicts what the fold wrote
+        for name, rows in test.groupby("video"):
+            pred = model.predict(dataset.videos[name])[rows.frame.to_numpy() - 1]
+            np.testing.assert_allclose(rows[["valence", "arousal"]].to_numpy(), pred, atol=1e-6)
+    # rerun: every fold is complete (metrics.json), nothing is refitted
+    before = digests(run / "context_ridge")
+    assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
+    assert digests(run / "context_ridge") == before
+    # holdout_val: the held-out videos are predicted by every fold model
+    held = RunConfig(arch=["context_ridge"], folds=2, fold_mode="holdout_val", out=str(tmp_path / "held"))
+    assert run_cv(held, dataset, folds_dir=tmp_path / "folds") == 0
+    holdout = pd.read_csv(tmp_path / "held" / "context_ridge" / "holdout" / "fold1.csv")
+    assert len(holdout) == sum(v.n_frames for v in dataset.split("val"))

@@ -1,10 +1,18 @@
-"""Contract tests for every registered model (demo sizes) + fidelity to the published configs."""
+"""Contract tests for every registered model (demo sizes) + fidelity to the published configs.
+
+Neural models (``nn.Module``, forward on padded batches) and classical ones (``fit`` on videos,
+``predict`` per video) have separate contracts; every registered model has one of the two.
+"""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from abaw.models import create_model, list_models, model_info
+from abaw.models import create_model, is_classical, list_models, model_class, model_info
+from conftest import make_videos
+
+NEURAL, CLASSICAL = list_models(kind="neural"), list_models(kind="classical")
 
 DEMO_DIMS = {"visual": 768, "audio": 40, "text": 64}  # the demo dataset's feature widths
 B, T = 3, 24
@@ -31,7 +39,7 @@ def close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", NEURAL)
 def test_forward_shape_and_interface(name):
     model = build(name).eval()
     assert isinstance(model.causal, bool)
@@ -43,7 +51,7 @@ def test_forward_shape_and_interface(name):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", NEURAL)
 def test_every_parameter_gets_a_gradient(name):
     model = build(name).train()
     mask = make_mask(LENGTHS)
@@ -56,7 +64,7 @@ def test_every_parameter_gets_a_gradient(name):
         assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", NEURAL)
 def test_padding_never_reaches_real_frames(name):
     """Garbage in padded frames and the padding length leave every real frame's output unchanged."""
     model = build(name).eval()
@@ -73,7 +81,7 @@ def test_padding_never_reaches_real_frames(name):
         close(out_longer[:, :T][mask], out[mask])
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if model_info(n).causal])
+@pytest.mark.parametrize("name", [n for n in NEURAL if model_info(n).causal])
 def test_causal_models_ignore_the_future(name):
     model = build(name).eval()
     feats, mask = make_feats(model), make_mask((T,) * B)
@@ -81,6 +89,46 @@ def test_causal_models_ignore_the_future(name):
     future = {m: torch.cat([x[:, :t + 1], torch.randn_like(x[:, t + 1:])], 1) for m, x in feats.items()}
     with torch.no_grad():
         close(model(future, mask)[:, :t + 1], model(feats, mask)[:, :t + 1])
+
+
+def test_every_model_is_of_one_kind():
+    assert CLASSICAL and NEURAL and not set(CLASSICAL) & set(NEURAL)
+    assert sorted(CLASSICAL + NEURAL) == list_models()
+    for name in list_models():
+        assert model_info(name).kind == ("classical" if is_classical(name) else "neural")
+        assert isinstance(create_model(name, size="demo", input_dims=DEMO_DIMS), torch.nn.Module) != is_classical(name)
+    with pytest.raises(ValueError, match="unknown kind"):
+        list_models(kind="bayesian")
+
+
+@pytest.mark.parametrize("name", CLASSICAL)
+def test_classical_fit_predict_save_load(name, tmp_path):
+    model = create_model(name, size="demo", input_dims=DEMO_DIMS)
+    info = model_info(name, size="demo", input_dims=DEMO_DIMS)
+    assert model.kind == "classical" and isinstance(model.causal, bool) and model.causal == info.causal
+    assert model.modalities == info.modalities and model.config == info.config
+    videos = make_videos(tmp_path / "feats", {m: DEMO_DIMS[m] for m in model.modalities})
+    train, held = videos[:6], videos[6:]
+    with pytest.raises(RuntimeError, match="not fitted"):
+        model.predict(held[0])
+    assert model.fit(train) is model
+    preds = {v.name: model.predict(v) for v in held}
+    for v in held:
+        assert preds[v.name].shape == (v.n_frames, 2) and preds[v.name].dtype == np.float32
+        assert np.isfinite(preds[v.name]).all()
+    model.save(tmp_path / "saved")
+    loaded = model_class(name).load(tmp_path / "saved")
+    assert loaded.config == model.config
+    for v in held:
+        np.testing.assert_array_equal(loaded.predict(v), preds[v.name])
+
+
+@pytest.mark.parametrize("name", CLASSICAL)
+def test_classical_models_refuse_features_of_another_width(name, tmp_path):
+    model = create_model(name, size="demo", input_dims={"visual": 8, "audio": 3, "text": 5})
+    videos = make_videos(tmp_path, {m: 4 for m in model.modalities})
+    with pytest.raises(ValueError, match="are 4-d, but the config says"):
+        model.fit(videos)
 
 
 def test_non_causal_models_do_see_the_future():
@@ -113,7 +161,7 @@ def test_positional_encoding_is_parameter_free_and_padding_safe():
     close(alone[0], out[1, :LENGTHS[1]])
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if model_info(n).modalities == ("visual",)])
+@pytest.mark.parametrize("name", [n for n in NEURAL if model_info(n).modalities == ("visual",)])
 @pytest.mark.parametrize("dim", [17, 1024])
 def test_visual_only_models_accept_any_width(name, dim):
     torch.manual_seed(0)

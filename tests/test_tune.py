@@ -199,7 +199,7 @@ def test_a_killed_workers_trial_is_failed_and_retried(small_root, tmp_path):
     assert retried and retried[0].state == TrialState.COMPLETE and retried[0].params == killed.params
 
 
-@pytest.mark.parametrize("arch", __import__("abaw.models", fromlist=["list_models"]).list_models())
+@pytest.mark.parametrize("arch", __import__("abaw.models", fromlist=["list_models"]).list_models(kind="neural"))
 def test_every_architectures_search_space_builds_working_models(arch):
     import torch
 
@@ -216,3 +216,14 @@ def test_every_architectures_search_space_builds_working_models(arch):
         assert out.shape == (2, 40, 2) and torch.isfinite(out).all()
         seen.add(repr(sorted(params.items())))
     assert arch == "linear" or len(seen) > 1  # the space really varies the architecture's own sizes
+
+
+def test_a_classical_arch_is_not_tuned(small_root, tmp_path, capsys):
+    with pytest.raises(ValueError, match="context_ridge is a classical model"):
+        tune.run_study(RunConfig(arch=["context_ridge"], folds=3, out=str(tmp_path / "s")), open_dataset(small_root),
+                       "s", n_trials=2, folds_dir=tmp_path / "folds")
+    assert not (tmp_path / "s").exists()
+    code = cli.run_cv_main(["--data-root", str(small_root), "--tune", "--arch", "context_ridge",
+                            "--out", str(tmp_path / "cli")])
+    out = capsys.readouterr().out
+    assert code == 2 and "error: context_ridge is a classical model" in out and "without --tune" in out
