@@ -306,6 +306,9 @@ MERGERS = {
 }
 FOLD_MERGES = ("mean", "median", "ccc_centering")  # need no labels: usable on test predictions directly
 LEARNED_MERGES = ("calibrated_mean", "weighted_calibrated", "auto")
+# What a learned merge combines: each member's fold mean (the spread restoration of
+# learned_merge_of_folds is exact for the mean; --fold-merge picks another).
+LEARNED_FOLD_MERGE = "mean"
 
 
 def make_merger(name: str) -> Merger:

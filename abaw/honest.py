@@ -20,8 +20,8 @@ from enum import Enum
 
 import numpy as np
 
-from .ensemble import (FOLD_MERGES, LEARNED_MERGES, MeanMerge, make_merger, nested_predict, score_videos,
-                       stack_members)
+from .ensemble import (FOLD_MERGES, LEARNED_FOLD_MERGE, LEARNED_MERGES, MeanMerge, make_merger, nested_predict,
+                       score_videos, stack_members)
 from .predictor import POST_STEPS, Predictor
 from .runs import MemberPredictions, stack_folds
 
@@ -235,7 +235,7 @@ def chain_rows(chain: Chain, members: Sequence[MemberPredictions], labels: Mappi
 
 def fitted_on_oof(predictor: Predictor, members: Sequence[MemberPredictions], oof: Mapping[str, np.ndarray],
                   labels: Mapping, groups: Mapping[str, int], which: str,
-                  fold_merge: str = "ccc_centering") -> dict[str, np.ndarray]:
+                  fold_merge: str = LEARNED_FOLD_MERGE) -> dict[str, np.ndarray]:
     """``predictor`` fitted on all OOF, applied to the members' ``which`` (test or holdout) fold predictions."""
     fitted = Predictor(**predictor.get_params()).fit(oof, labels, groups=groups)
     return fitted.predict_folds([fold_stack(m, which) for m in members], fold_merge)[0]

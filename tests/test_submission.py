@@ -453,3 +453,28 @@ def test_the_submission_never_reads_test_or_held_out_labels(tiny_demo, tmp_path)
     assert manifests[0]["post"]["spec"] != "none"  # something was chosen, and chosen the same way
     held = [[r["mean"] for r in _read_report(tmp_path / x / "report.csv") if r["source"] == "holdout"] for x in "ab"]
     assert held[0] != held[1]  # the report did read the held-out labels: to score, never to choose
+
+
+def test_the_default_submission_is_the_predictor_the_report_scored(wide_run, tmp_path):
+    """The report's row for auto + every post-processing step on the test labels scores the written file."""
+    out = tmp_path / "sub"
+    assert main(["--runs", str(wide_run), "--out", str(out), "--report"]) == 0
+    rows = _read_report(out / "report.csv")
+    chain = next(r for r in rows if r["kind"] == "predictor" and r["post"] == "smoothing + lag + calibration"
+                 and r["source"] == "test")
+    assert rows[-1]["kind"] == "submission"
+    assert chain["mean"] == pytest.approx(rows[-1]["mean"], abs=5e-4)  # apart from clipping to [-1, 1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["merge"]["name"] == "auto" and manifest["post"]["name"] == "auto"
+    assert set(manifest["merge"]["learned"]["chosen"]) == {"valence", "arousal"}
+
+    # Value for value: the report's chain, as honest.py builds it, is what was written.
+    from abaw.honest import fitted_on_oof
+    from abaw.predictor import Predictor
+
+    inputs = load_inputs([str(wide_run)])
+    oof = stack_members([m.oof for m in inputs.members])
+    scored = fitted_on_oof(Predictor("auto", "auto"), inputs.members, oof, inputs.labels,
+                           inputs.members[0].oof_fold, "test")
+    written = np.loadtxt(out / "predictions.txt", delimiter=",", skiprows=1, usecols=(1, 2))
+    np.testing.assert_allclose(sample_values(scored, inputs.dataset.sample)[0], written, atol=1e-6)

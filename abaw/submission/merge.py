@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..ensemble import is_learned, stack_members
+from ..ensemble import LEARNED_FOLD_MERGE, is_learned, stack_members
 from ..predictor import Predictor
 from ..runs import MemberPredictions, RunError, stack_folds
 
@@ -17,7 +17,7 @@ def resolve_merges(merge: str, fold_merge: str | None) -> tuple[str, str]:
     """(fold merge, member merge). A learned merge combines members' fold means; otherwise the
     chosen merge works across folds and the members are averaged."""
     if is_learned(merge):
-        return fold_merge or "mean", merge
+        return fold_merge or LEARNED_FOLD_MERGE, merge
     return fold_merge or merge, "mean"
 
 
