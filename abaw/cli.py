@@ -7,6 +7,9 @@ import os
 from .config import RunConfig, resolve
 
 
+TUNED_BY_DEFAULT = "mamba_va"
+
+
 def run_cv_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_cv.py", description="Cross-validate ABAW valence-arousal models.")
     # Every option defaults to None so that only flags the user gave override --config.
@@ -17,7 +20,8 @@ def run_cv_parser() -> argparse.ArgumentParser:
                                       "(_left/_right and numbered parts of a recording are one subject)")
     p.add_argument("--check", action="store_true", help="validate the dataset, print its summary and exit")
     p.add_argument("--config", help="YAML file holding any of these options; flags override it")
-    p.add_argument("--arch", nargs="+", help="architecture(s) to train (see abaw.models.list_models())")
+    p.add_argument("--arch", nargs="+", help="architecture(s) to train (see abaw.models.list_models()); default "
+                                             "mamba_va context_ridge (with --tune: mamba_va)")
     p.add_argument("--size", choices=["demo", "abaw"], help="model size preset")
     p.add_argument("--folds", type=int, help="number of folds (default 5)")
     p.add_argument("--fold-mode", choices=["grouped", "val_fold", "holdout_val"])
@@ -63,6 +67,8 @@ def _tune(args: argparse.Namespace, config: RunConfig, dataset) -> int:
 
     if config.out == RunConfig.out:  # no --out, neither on the command line nor in --config
         config = replace(config, out=f"runs/{args.study}")
+    if config.arch == RunConfig().arch:  # no --arch: tune the default zoo's network (the ridge tunes itself)
+        config = replace(config, arch=[TUNED_BY_DEFAULT])
     run_study(config, dataset, args.study, args.n_trials, args.storage, args.pruner, args.tune_folds,
               timeout=args.timeout)
     return 0

@@ -20,7 +20,9 @@ class RunConfig:
     test_list: str | None = None  # default: found at the data root by pattern
     test_sample: str | None = None
     subjects: str | None = None  # CSV video,subject replacing the default subject rule (abaw.subjects)
-    arch: list[str] = field(default_factory=lambda: ["mamba_va"])
+    # The default zoo: a temporal network and a classical context model, merged by `auto` (README
+    # "Defaults"): on data nobody tuned for, one of the two is often much the better, per dimension.
+    arch: list[str] = field(default_factory=lambda: ["mamba_va", "context_ridge"])
     size: str = "demo"  # model preset: "demo" (fast on CPU) or "abaw" (published sizes)
     model: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-arch config overrides
     folds: int = 5
