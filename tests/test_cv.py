@@ -1,4 +1,5 @@
 """The CV engine: resumable after a kill, a diverging fold fails alone, configs resolve strictly."""
+import json
 import hashlib
 import re
 import os
@@ -246,7 +247,8 @@ def test_a_classical_arch_cross_validates_beside_a_neural_one(small_root, tmp_pa
     from abaw.train import load_classical
 
     dataset = open_dataset(small_root)
-    config = RunConfig(arch=["context_ridge", "tcn"], folds=3, epochs=1, window=200, hop=200, out=str(tmp_path / "run"))
+    config = RunConfig(data_root=str(small_root), arch=["context_ridge", "tcn"], folds=3, epochs=1, window=200, hop=200,
+                       out=str(tmp_path / "run"))
     assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
     run = tmp_path / "run"
     summary = pd.read_csv(run / "summary.csv", dtype={"fold": str})
@@ -267,6 +269,17 @@ def test_a_classical_arch_cross_validates_beside_a_neural_one(small_root, tmp_pa
         for name, rows in test.groupby("video"):
             pred = model.predict(dataset.videos[name])[rows.frame.to_numpy() - 1]
             np.testing.assert_allclose(rows[["valence", "arousal"]].to_numpy(), pred, atol=1e-6)
+    # ... and through the merges and the report like any other member
+    from abaw.submission import main as make_submission
+
+    out = tmp_path / "sub"
+    assert make_submission(["--runs", str(run), "--out", str(out), "--report"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [m["arch"] for m in manifest["members"]] == ["context_ridge", "tcn"]
+    assert "run/context_ridge alone" in manifest["merge"]["learned"]["candidates"]
+    report = pd.read_csv(out / "report.csv", dtype={"member": str})
+    assert {"run/context_ridge", "run/tcn"} <= set(report["member"].dropna())
+    assert report.loc[report["kind"] == "submission", "mean"].notna().all()
     # rerun: every fold is complete (metrics.json), nothing is refitted
     before = digests(run / "context_ridge")
     assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
