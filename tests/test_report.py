@@ -338,8 +338,8 @@ def test_ensemble_notebook_runs_headless_and_shows_every_table_and_figure(run_di
     nb = execute("ensemble_gains.ipynb")
     counts = output_counts(nb)
     assert "error" not in counts
-    # tables: fold scores, OOF scores, merge report, per-video summary, best and worst videos
-    assert counts.get("text/html") == 5
+    # tables: fold scores, OOF scores, merge report, post-processing steps, per-video summary, best and worst
+    assert counts.get("text/html") == 6
     # figures: fold scores, merge report, per-video CCC, fold agreement, best/worst of each of the 2 archs
     assert counts.get("image/png") == 6
     assert str(run_dir) in nb.cells[2].outputs[0]["data"]["text/plain"]  # ABAW_RUNS was used
