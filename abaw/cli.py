@@ -25,8 +25,8 @@ def run_cv_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["demo", "abaw"], help="model size preset")
     p.add_argument("--folds", type=int, help="number of folds (default 5)")
     p.add_argument("--fold-mode", choices=["grouped", "val_fold", "holdout_val"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--patience", type=int)
+    p.add_argument("--epochs", type=int, help="at most this many epochs per fold (default 16)")
+    p.add_argument("--patience", type=int, help="stop after this many epochs without a better validation CCC (default 6)")
     p.add_argument("--stop-split", type=float, help="early-stop on this share of the training subjects "
                                                     "instead of the fold, so OOF scores are unbiased (e.g. 0.15)")
     p.add_argument("--lr", type=float)
