@@ -60,6 +60,12 @@ def _data_root(config: RunConfig) -> str:
     return str(ensure_demo())
 
 
+def _config_names_arch(path: str | None) -> bool:
+    from .config import load_yaml
+
+    return bool(path) and "arch" in load_yaml(path)
+
+
 def _tune(args: argparse.Namespace, config: RunConfig, dataset) -> int:
     from dataclasses import replace
 
@@ -67,8 +73,8 @@ def _tune(args: argparse.Namespace, config: RunConfig, dataset) -> int:
 
     if config.out == RunConfig.out:  # no --out, neither on the command line nor in --config
         config = replace(config, out=f"runs/{args.study}")
-    if config.arch == RunConfig().arch:  # no --arch: tune the default zoo's network (the ridge tunes itself)
-        config = replace(config, arch=[TUNED_BY_DEFAULT])
+    if args.arch is None and config.arch == RunConfig().arch and not _config_names_arch(args.config):
+        config = replace(config, arch=[TUNED_BY_DEFAULT])  # no --arch: the default zoo's network (the ridge tunes itself)
     run_study(config, dataset, args.study, args.n_trials, args.storage, args.pruner, args.tune_folds,
               timeout=args.timeout)
     return 0

@@ -1,4 +1,4 @@
-"""Merging several models' predictions of a video, and an honest report of what each merge buys.
+"""Merging several models' predictions of a video: fixed merges, learned merges and ``auto``.
 
 Mergers follow scikit-learn's estimator contract: ``__init__`` only stores parameters, ``fit``
 returns ``self``, learned attributes end with ``_``, ``predict`` applies them (a learned merger
@@ -10,7 +10,7 @@ transformers). Inputs to ``predict``:
 
 Members are fold models of one architecture (fold merges) or architectures (learned merges).
 
-Honesty rules (see :func:`honest_report`): a learned merge is fitted only on out-of-fold (OOF)
+Honesty rules (the report that applies them: :func:`abaw.honest.honest_report`): a learned merge is fitted only on out-of-fold (OOF)
 predictions, i.e. on frames the merged models never trained on, and is scored only on frames it
 was not fitted on (nested across folds, or on a held-out validation set). In OOF every frame has
 exactly one fold model's prediction, so fold merges can only be scored on held-out validation

@@ -22,7 +22,7 @@ import numpy as np
 
 from .ensemble import (FOLD_MERGES, LEARNED_FOLD_MERGE, LEARNED_MERGES, MeanMerge, make_merger, nested_predict,
                        score_videos, stack_members)
-from .predictor import POST_STEPS, Predictor
+from .predictor import POST_STEPS, Predictor, resolve_merges
 from .runs import MemberPredictions, stack_folds
 
 
@@ -192,12 +192,24 @@ def member_mean_rows(members: Sequence[MemberPredictions], labels: Mapping, trut
 
 @dataclass
 class Chain:
-    """One predictor the report scores: its name, and the :class:`Predictor` that builds it."""
+    """One predictor the report scores: its name, the :class:`Predictor` that builds it, and the
+    merge across each member's folds it is applied to on held-out and test videos."""
 
     kind: Kind
     model: str
     predictor: Predictor
     post: str | None = None
+    fold_merge: str = LEARNED_FOLD_MERGE
+
+
+def submitted_chain(merge: str, post: str, fold_merge: str | None, n_members: int) -> Chain | None:
+    """The chain ``make_submission.py --merge/--post/--fold-merge`` writes, where :func:`chains`
+    does not already score it (the defaults are its last row)."""
+    fold_name, member_name = resolve_merges(merge, fold_merge)
+    if (member_name, post, fold_name) == ("auto", "auto", LEARNED_FOLD_MERGE):
+        return None
+    name = f"submitted: {merge} over {_members(n_members)} (folds: {fold_name}) + post {post}"
+    return Chain(Kind.PREDICTOR, name, Predictor(member_name, post), post, fold_name)
 
 
 def chains(n_members: int, learned: Sequence[str] = LEARNED_MERGES, post: bool = True) -> list[Chain]:
@@ -220,15 +232,16 @@ def chain_rows(chain: Chain, members: Sequence[MemberPredictions], labels: Mappi
     oof = stack_members([m.oof for m in members])
     groups = members[0].oof_fold
     common = {"merge": chain.predictor.merge, "post": chain.post}
+    which = {"fold_merge": chain.fold_merge}
     rows = []
     if all(m.holdout for m in members):
-        held = fitted_on_oof(chain.predictor, members, oof, labels, groups, "holdout")
+        held = fitted_on_oof(chain.predictor, members, oof, labels, groups, "holdout", **which)
         rows.append(scored(chain.kind, chain.model, Source.HOLDOUT, held, labels, fitted_on="OOF", **common))
     else:
         nested = nested_predict(chain.predictor, oof, labels, groups)
         rows.append(scored(chain.kind, chain.model, Source.OOF_NESTED, nested, labels, **common))
     if truth is not None:
-        test = fitted_on_oof(chain.predictor, members, oof, labels, groups, "test")
+        test = fitted_on_oof(chain.predictor, members, oof, labels, groups, "test", **which)
         rows.append(scored(chain.kind, chain.model, Source.TEST, test, truth, fitted_on="OOF", **common))
     return rows
 
@@ -242,15 +255,17 @@ def fitted_on_oof(predictor: Predictor, members: Sequence[MemberPredictions], oo
 
 
 def honest_report(members: Sequence[MemberPredictions], labels: Mapping[str, np.ndarray],
-                  truth: Mapping[str, np.ndarray] | None = None, post: bool = True) -> list[ReportRow]:
+                  truth: Mapping[str, np.ndarray] | None = None, post: bool = True,
+                  submitted: Chain | None = None) -> list[ReportRow]:
     """One row per model, merge and post-processing step, each scored on data neither it nor its
     models were fitted on. ``labels``: train+val labels per video (-5 unlabelled); ``truth``: the
-    demo's test labels, or None on real data; ``post``: add the post-processing rows."""
+    demo's test labels, or None on real data; ``post``: add the post-processing rows;
+    ``submitted``: the chain a submission writes when it is not the default (:func:`submitted_chain`)."""
     rows: list[ReportRow] = []
     for member in members:
         rows += single_fold_rows(member, labels, truth) + fold_merge_rows(member, labels, truth)
     rows += member_mean_rows(members, labels, truth)
-    for chain in chains(len(members), post=post):
+    for chain in chains(len(members), post=post) + ([submitted] if submitted else []):
         rows += chain_rows(chain, members, labels, truth)
     return rows
 

@@ -21,9 +21,13 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
-from .ensemble import (MeanMerge, Merger, SelectedMerge, _groups_of, is_learned, learned_merge_of_folds, make_merger,
-                       nested_predict, stack_members)
+from .ensemble import (LEARNED_FOLD_MERGE, MeanMerge, Merger, SelectedMerge, WeightedCalibratedMerge, _groups_of, is_learned,
+                       learned_merge_of_folds, make_merger, nested_predict, stack_members)
 from .post import PostProcessor
+
+# The plain mean as a linear merge (uniform weights, nothing calibrated), so that the fold merges'
+# spread can be restored like a learned merge's.
+PLAIN_MEAN = WeightedCalibratedMerge(learn_weights=False, calibrate=False)
 
 # The honest report's post-processing rows: each adds one step to the one before (all chosen by
 # ``auto`` on OOF), so each row says what that step buys.
@@ -37,7 +41,13 @@ POST_STEPS = {
 class Predictor(Merger):
     """``merge`` across members (``mean`` or a learned merge of :data:`abaw.ensemble.MERGERS`),
     then ``post`` (``auto``, ``none`` or a SPEC of :mod:`abaw.post`; ``post_options`` restrict
-    its grid)."""
+    its grid).
+
+    With the plain ``mean`` and post-processing, the fold merges' mean is stretched to the spread
+    the same mean has on single fold models before the post-processing is applied (as every learned
+    merge is, :func:`abaw.ensemble.learned_merge_of_folds`): the post-processing, and the scale of
+    its calibration, were fitted on OOF, where one fold model predicts each frame. Without
+    post-processing the mean of fold merges is left as it is (the published recipe)."""
 
     def __init__(self, merge: str = "auto", post: str = "auto", post_options: Mapping | None = None):
         self.merge = merge
@@ -45,7 +55,10 @@ class Predictor(Merger):
         self.post_options = post_options
 
     def fit(self, X, y, mask=None, groups=None) -> "Predictor":
-        merger = make_merger(self.merge) if is_learned(self.merge) else MeanMerge()
+        if not is_learned(self.merge) and self.merge != "mean":
+            raise ValueError(f"merge across members is 'mean' or a learned merge, got {self.merge!r} "
+                             f"(a fold merge: pass it to predict_folds)")
+        merger = make_merger(self.merge) if is_learned(self.merge) else PLAIN_MEAN
         fit_groups = _groups_of(X, groups)
         self.merger_ = clone(merger).fit(X, y, groups=fit_groups)
         if self.post == "none":
@@ -73,9 +86,9 @@ class Predictor(Merger):
         folds merged by ``fold_merge``, then the fitted merge (a learned one through
         :func:`abaw.ensemble.learned_merge_of_folds`, which restores the single-model spread it was
         fitted on), then the post-processing. Returns the predictions and the spread factor (None
-        for the plain mean, which stretches nothing)."""
+        for the plain mean without post-processing, which stretches nothing)."""
         check_is_fitted(self, "merger_")
-        if is_learned(self.merge):
+        if is_learned(self.merge) or self.post_ is not None:
             merged, factor = learned_merge_of_folds(self.merger_, fold_stacks, fold_merge)
         else:
             merged = MeanMerge().predict(stack_members([make_merger(fold_merge).predict(s) for s in fold_stacks]))
@@ -91,3 +104,12 @@ class Predictor(Merger):
             merge = self.merger_.describe() if hasattr(self.merger_, "describe") else {}
         return {"merge": {"name": self.merge, **merge},
                 "post": {"name": self.post, **({} if self.post_ is None else self.post_.describe())}}
+
+
+def resolve_merges(merge: str, fold_merge: str | None) -> tuple[str, str]:
+    """(fold merge, member merge) of ``make_submission.py --merge``: a learned merge combines the
+    members' fold merges (``LEARNED_FOLD_MERGE`` unless ``--fold-merge``); any other merge works
+    across folds and the members are averaged."""
+    if is_learned(merge):
+        return fold_merge or LEARNED_FOLD_MERGE, merge
+    return fold_merge or merge, "mean"

@@ -2,7 +2,7 @@
 
 The notebooks (``notebooks/ensemble_gains.ipynb``, ``notebooks/optuna_study.ipynb``) and the command
 line only call this module; every number comes from :mod:`abaw.runs` (the run folder; fold scores
-from its summary.csv), :mod:`abaw.ensemble` (merges, and the honest report that
+from its summary.csv), :mod:`abaw.honest` (the typed rows of the honest report that
 ``make_submission.py --report`` prints) and :mod:`abaw.metrics` (CCC). Tables are pandas
 DataFrames; figures are matplotlib Figures kept out of pyplot (optuna's are closed there), so a
 notebook shows each once and the CLI leaks none.

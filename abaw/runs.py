@@ -362,6 +362,22 @@ def find_latest_demo_run(runs_dir: str | Path = "runs") -> Run:
     return max(candidates, key=lambda c: c[:2])[2]
 
 
+def check_same_folds(runs: Sequence[Run]) -> None:
+    """Runs merged together must share their fold assignment.
+
+    Merges and post-processing are scored nested across folds: fitted on the other folds' OOF. If
+    another run's folds differ, its OOF predictions of those videos come from models that trained
+    on the scored fold, and its labels leak into the nested scores."""
+    first = dict(zip(runs[0].fold_table()["video"], runs[0].fold_table()["fold"]))
+    for run in runs[1:]:
+        table = run.fold_table()
+        moved = [v for v, f in zip(table["video"], table["fold"]) if v in first and first[v] != f]
+        if moved:
+            raise RunError(f"{run.path / 'folds.csv'} assigns {len(moved)} video(s) to other folds than "
+                           f"{runs[0].path / 'folds.csv'} (e.g. {moved[:3]}): merged runs must share their folds "
+                           f"(the same --folds, --fold-mode, --seed and subject grouping), or the nested scores leak")
+
+
 @dataclass
 class Inputs:
     """What both the report and the writer need: runs, their dataset, and every member's predictions."""
@@ -383,6 +399,7 @@ def load_inputs(run_paths: Sequence[str], test_sample: str | None = None) -> Inp
     roots = {str(run.data_root().resolve()) for run in runs}
     if len(roots) > 1:
         raise RunError(f"runs were made on different datasets: {sorted(roots)}")
+    check_same_folds(runs)
     root = runs[0].data_root()
     dataset = open_dataset(root, test_list=runs[0].config.get("test_list"),
                            test_sample=test_sample or runs[0].config.get("test_sample"))

@@ -478,3 +478,30 @@ def test_the_default_submission_is_the_predictor_the_report_scored(wide_run, tmp
                            inputs.members[0].oof_fold, "test")
     written = np.loadtxt(out / "predictions.txt", delimiter=",", skiprows=1, usecols=(1, 2))
     np.testing.assert_allclose(sample_values(scored, inputs.dataset.sample)[0], written, atol=1e-6)
+
+
+def test_runs_with_other_folds_are_not_merged(tiny_demo, tmp_path, capsys):
+    a = write_run(tmp_path / "runs" / "a", tiny_demo, archs=("tcn",), folds=3)
+    b = write_run(tmp_path / "runs" / "b", tiny_demo, archs=("linear",), folds=2)
+    assert main(["--runs", str(a), str(b), "--out", str(tmp_path / "s")]) == 1
+    out = capsys.readouterr().out
+    assert "b/folds.csv" in out and "must share their folds" in out
+
+
+def test_a_bad_post_spec_is_refused_before_any_work(tmp_path, capsys):
+    assert main(["--runs", str(tmp_path / "no-such-run"), "--post", "gaussian:30"]) == 1
+    out = capsys.readouterr().out
+    assert "gaussian:30" in out and "no-such-run" not in out  # the SPEC, before the run is even opened
+
+
+def test_a_non_default_submission_gets_its_own_honest_rows(grouped_run, tmp_path):
+    out = tmp_path / "sub"
+    assert main(["--runs", str(grouped_run), "--merge", "mean", "--post", "gaussian:15,cal",
+                 "--out", str(out), "--report"]) == 0
+    rows = _read_report(out / "report.csv")
+    mine = [r for r in rows if r["model"].startswith("submitted: mean")]
+    assert {r["source"] for r in mine} == {"oof_nested", "test"}
+    test_row = next(r for r in mine if r["source"] == "test")
+    assert test_row["mean"] == pytest.approx(rows[-1]["mean"], abs=5e-4)  # the written file, apart from clipping
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["post"]["spec"] == "gaussian:15,cal" and "spread_restored" in manifest["merge"]

@@ -227,3 +227,15 @@ def test_a_classical_arch_is_not_tuned(small_root, tmp_path, capsys):
                             "--out", str(tmp_path / "cli")])
     out = capsys.readouterr().out
     assert code == 2 and "error: context_ridge is a classical model" in out and "without --tune" in out
+
+
+def test_tune_takes_the_default_network_only_when_no_arch_was_named(small_root, tmp_path, capsys, monkeypatch):
+    studied = []
+    monkeypatch.setattr(tune, "run_study", lambda config, *a, **k: studied.append(config.arch))
+    assert cli.run_cv_main(["--data-root", str(small_root), "--tune", "--out", str(tmp_path / "a")]) == 0
+    assert studied == [["mamba_va"]]  # the default zoo's network; the ridge chooses its penalty itself
+    config = tmp_path / "two.yaml"
+    config.write_text("arch: [mamba_va, context_ridge]\n")
+    for named in (["--arch", "mamba_va", "context_ridge"], ["--config", str(config)]):
+        assert cli.run_cv_main(["--data-root", str(small_root), "--tune", "--out", str(tmp_path / "b"), *named]) == 0
+        assert studied[-1] == ["mamba_va", "context_ridge"]  # named: passed on, and refused by run_study

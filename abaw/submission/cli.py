@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ..data import DataError, parse_sample_file
 from ..ensemble import FOLD_MERGES, MERGERS
-from ..honest import ReportRow, honest_report, report_csv
+from ..honest import ReportRow, honest_report, report_csv, submitted_chain
 from ..io import atomic_write_text
+from ..post import parse_spec
 from ..runs import Inputs, RunError, find_latest_demo_run, load_inputs
 from .merge import merge_test_predictions
 from .scoring import submission_score_row
@@ -132,12 +133,17 @@ def submit(inputs: Inputs, merge: str, fold_merge: str | None, out: Path, *, pos
 def _make(args: argparse.Namespace, report: bool, write: bool) -> int:
     from ..console import console
 
+    if args.post not in ("auto", "none"):
+        parse_spec(args.post)  # a bad SPEC is an error now, not after minutes of reading and merging
     run_paths = args.runs or [str(find_latest_demo_run(args.runs_dir).path)]
     out = Path(args.out) if args.out else default_out(run_paths[0], args.merge)
     if write:
         check_target(out, args.overwrite)  # before minutes of reading and merging, not after
     inputs = load_inputs(run_paths, args.test_sample)
-    rows = honest_report(inputs.members, inputs.labels, inputs.truth) if report else None
+    rows = None
+    if report:
+        submitted = submitted_chain(args.merge, args.post, args.fold_merge, len(inputs.members)) if write else None
+        rows = honest_report(inputs.members, inputs.labels, inputs.truth, submitted=submitted)
     submission = None
     if write:
         submission = submit(inputs, args.merge, args.fold_merge, out, post=args.post, per_video=args.per_video,

@@ -5,24 +5,16 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..ensemble import LEARNED_FOLD_MERGE, is_learned, stack_members
-from ..predictor import Predictor
+from ..ensemble import is_learned, stack_members
+from ..predictor import Predictor, resolve_merges
 from ..runs import MemberPredictions, RunError, stack_folds
 
-SPREAD_RESTORED = ("the learned merge of the fold merges, stretched about its mean by factor (valence, arousal) "
+SPREAD_RESTORED = ("the merge of the fold merges, stretched about its mean by factor (valence, arousal) "
                    "to the spread the same merge has on single fold models, over all test frames; no labels used")
 
 
-def resolve_merges(merge: str, fold_merge: str | None) -> tuple[str, str]:
-    """(fold merge, member merge). A learned merge combines members' fold means; otherwise the
-    chosen merge works across folds and the members are averaged."""
-    if is_learned(merge):
-        return fold_merge or LEARNED_FOLD_MERGE, merge
-    return fold_merge or merge, "mean"
-
-
 def merge_test_predictions(members: Sequence[MemberPredictions], merge: str, labels: Mapping[str, np.ndarray],
-                           fold_merge: str | None = None, post: str = "none") -> tuple[dict[str, np.ndarray], dict]:
+                           fold_merge: str | None = None, post: str = "auto") -> tuple[dict[str, np.ndarray], dict]:
     """Test predictions merged within each member across folds, then across members, then post-processed.
 
     The member merge (learned or the plain mean) and the post-processing are fitted on the members'
