@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     expr.add_argument("--weight-decay", type=float, default=0.05)
     expr.add_argument("--warmup-epochs", type=float, default=1.0)
     expr.add_argument("--label-smoothing", type=float, default=0.1)
+    expr.add_argument("--pool", default="mean", choices=["mean", "cls"],
+                      help="head input: mean of the patch tokens (default) or the class token")
     expr.add_argument("--frame-step", type=int, default=1, help="keep every K-th labelled frame (default 1)")
 
     for command in (mae, expr):

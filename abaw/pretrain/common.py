@@ -128,12 +128,16 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
 
 
 def batch_loader(dataset, batches: list[np.ndarray], workers: int, device):
+    """A DataLoader over the given batches. It has a generator of its own: a loader draws its workers'
+    seed when iterated, and from torch's global stream that draw would make a resumed run diverge."""
+    import torch
     from torch.utils.data import DataLoader
 
     from ..extract.visual import _one_thread
 
     return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
-                      worker_init_fn=_one_thread if workers else None, pin_memory=device.type == "cuda")
+                      worker_init_fn=_one_thread if workers else None, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(0))
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

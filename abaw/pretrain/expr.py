@@ -8,8 +8,9 @@
   ``ROOT/cropped_aligned/<video>/<i:05d>.jpg`` (or ``--frames DIR``). Frames without an image, and
   without a label, are skipped; a line that is not an integer in -1..7 is an error naming file:line.
   ``--frame-step K`` keeps every K-th labelled frame (neighbouring frames are near duplicates).
-* Model: the timm encoder (``--init`` weights, e.g. MAE's ``encoder.pth``) and a linear head on its
-  pooled output (``num_classes=0``: the class token after the final norm for a ViT).
+* Model: the timm encoder (``--init`` weights, e.g. MAE's ``encoder.pth``) and a linear head on the
+  mean of its patch tokens after the final norm (``--pool mean``, MAE fine-tuning's global pool) or
+  on its class token (``--pool cls``).
 * Loss: cross-entropy weighted by inverse class frequency in the training frames (mean weight 1 over
   the classes present), label smoothing 0.1. AdamW (betas 0.9, 0.999, weight decay 0.05) with
   layer-wise learning-rate decay as in MAE's fine-tuning (the head and final norm at the base rate,
@@ -148,6 +149,7 @@ class ExprOptions:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     frame_step: int = 1
+    pool: str = "mean"
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -198,7 +200,7 @@ def finetune_expr(options: ExprOptions) -> ExprResult:
     head = torch.nn.Linear(encoder.num_features, len(EXPR_CLASSES))
     torch.nn.init.trunc_normal_(head.weight, std=2e-5)  # MAE fine-tuning's head init
     torch.nn.init.zeros_(head.bias)
-    model = torch.nn.Sequential(encoder, head).to(device)
+    model = Classifier(encoder, head, o.pool).to(device)
     optimizer = torch.optim.AdamW(lrd_param_groups(encoder, head, lr, o.weight_decay, o.layer_decay),
                                   lr=lr, betas=(0.9, 0.999))
     for group in optimizer.param_groups:
@@ -274,6 +276,30 @@ def finetune_expr(options: ExprOptions) -> ExprResult:
     console.print(f"expr: {'done' if complete else 'stopped'} after epoch {epoch} of {o.epochs}; best epoch "
                   f"{best_epoch} (macro-F1 {best_f1:.4f}); encoder weights in {out / 'encoder.pth'}", markup=False)
     return ExprResult(out, epoch, best_epoch, best_f1, constant, history, complete)
+
+
+def Classifier(encoder, head, pool: str):
+    """encoder + head on the pooled tokens: ``mean`` of the patch tokens after the final norm (MAE
+    fine-tuning's global pool), or ``cls``, the class token (``abaw.extract visual``'s default)."""
+    import torch
+
+    if pool not in ("mean", "cls"):
+        raise PretrainError(f"--pool must be mean or cls, got {pool!r}")
+    if pool == "cls" and getattr(encoder, "cls_token", None) is None:
+        raise PretrainError("--pool cls: the backbone has no class token; use --pool mean")
+
+    class _Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = encoder, head
+            self.prefix = getattr(encoder, "num_prefix_tokens", 0)
+
+        def forward(self, x):
+            tokens = self.encoder.forward_features(x)
+            pooled = tokens[:, 0] if pool == "cls" else tokens[:, self.prefix:].mean(dim=1)
+            return self.head(pooled)
+
+    return _Classifier()
 
 
 def predict(model, dataset, batch_size: int, workers: int, normalise, autocast, device) -> np.ndarray:
