@@ -109,14 +109,14 @@ def _make_mae_class():
             """(B, 3, H, W) -> (B, N, p*p*3), patches in row-major order, pixels (row, col, channel)."""
             b, c, _, _ = images.shape
             p, (gh, gw) = self.patch, self.grid
-            x = images.reshape(b, c, gh, p, gw, p)
-            return torch.einsum("bchpwq->bhwpqc", x).reshape(b, gh * gw, p * p * c)
+            x = images.reshape(b, c, gh, p, gw, p)  # permute, not einsum: autocast would round einsum to bf16
+            return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
 
         def unpatchify(self, patches):
             b = patches.shape[0]
             p, (gh, gw) = self.patch, self.grid
             x = patches.reshape(b, gh, gw, p, p, 3)
-            return torch.einsum("bhwpqc->bchpwq", x).reshape(b, 3, gh * p, gw * p)
+            return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, gh * p, gw * p)
 
         def encode(self, images):
             """The visible patches through the encoder: (tokens, mask (B, N) 1 = hidden, restore order)."""
@@ -151,7 +151,7 @@ def _make_mae_class():
             return self.decoder_pred(self.decoder_norm(x))[:, self.prefix:]
 
         def loss(self, images, prediction, mask):
-            target = self.patchify(images)
+            target = self.patchify(images.float())
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
             per_patch = ((prediction.float() - target) ** 2).mean(dim=-1)
