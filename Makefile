@@ -29,7 +29,7 @@ demo-study: $(STAMP)
 # The raw demo release (abaw/raw_demo.py: face crops, videos with sound, transcripts, OpenFace CSVs),
 # generated once with stand-in backbones (abaw/stand_ins.py: tiny, random weights, nothing downloaded), then
 # extraction of all four kinds -> cross-validation -> submission: the real release's whole path.
-RAW_DEMO_ROOT ?= $(or $(ABAW_RAW_DEMO_ROOT),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/abaw/raw-demo-v1)
+RAW_DEMO_ROOT ?= $(or $(ABAW_RAW_DEMO_ROOT),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/abaw/raw-demo-v2)
 OPENFACE_COLUMNS := AU01_r,AU02_r,AU04_r,AU05_r,AU06_r,AU12_r,AU15_r,AU26_r
 
 demo-raw: $(STAMP)

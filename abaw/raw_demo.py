@@ -11,6 +11,7 @@ licensed data::
     ROOT/transcripts/<video>.csv             word,start,end (seconds), silences between turns
     ROOT/openface/<video>.csv                OpenFace-2-style rows (``frame, face_id, ...``), face frames only
     ROOT/latent/<video>.csv                  frame,valence,arousal,face,speaking: what made it all (tests)
+    ROOT/EXPR_Recognition_Challenge/{Train_Set,Validation_Set}/<video>.txt   expression labels (since v2)
 
 Names come from :func:`abaw.demo.demo_videos` (release-shaped: sides, parts, fps in names); the
 ``_left`` / ``_right`` files of a recording share one video file named without the suffix, as in
@@ -29,6 +30,14 @@ shows f(t) through per-frame jitter:
   the recording's transcript (a transcriber does not know who spoke);
 * OpenFace CSVs: action-unit intensities (AU12 with valence, AU05/AU26 with arousal, ...), listing
   only frames with an image; a few rows with ``success`` 0 (tracking failed, zero values).
+
+Expression labels (:func:`expression_labels`, for ``python -m abaw.pretrain expr``) name the emotion
+each face shows (f(t) with its per-frame jitter, as drawn), one of the challenge's 8 classes from its
+point on the valence-arousal circle: Neutral within radius 0.2 of the centre, else by angle from the
+positive valence axis (counter-clockwise, arousal up) Happiness 0-45 degrees, Surprise 45-90, Fear
+90-120, Anger 120-150, Disgust 150-195, Sadness 195-270, Other (calm and content) 270-360. Frames in
+the ring of radius 0.2-0.25 (between Neutral and an emotion), within 3 degrees of a sector boundary,
+or without a face are -1 (no label). No random draw is involved: the other files are the bytes of v1.
 
 One train video has 3 images (and CSV rows, and video frames) past its annotation's end, as some
 release videos do. Same seed, same bytes: PIL's JPEG encoder and FFmpeg's mpeg4/AAC encoders with
@@ -52,7 +61,7 @@ from .demo import (DemoVideo, demo_videos, ground_truth_rows, latent_emotion, st
                    write_labels, write_test_files)
 from .subjects import video_file_of
 
-VERSION = 1  # bump when the output changes: the cache folder is named after it
+VERSION = 2  # bump when the output changes: the cache folder is named after it
 SAMPLE_RATE = 16_000
 VIDEO_SIZE = 32  # the video stream only carries the frame rate and timing; the crops carry the faces
 RELEASE_CROP_SIZE = 112
@@ -65,6 +74,11 @@ POSITIVE_WORDS = ("great", "love", "happy", "wonderful", "fun", "nice", "yes", "
 NEGATIVE_WORDS = ("bad", "hate", "sad", "awful", "angry", "no", "terrible", "sorry", "worse", "tired")
 FILLER_WORDS = ("the", "and", "so", "then", "we", "it", "was", "like", "just", "okay")
 EXTRA_FRAMES = 3  # images past the annotation's end of one train video
+EXPR_DIR = "EXPR_Recognition_Challenge"
+EXPR_HEADER = "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
+# (upper bound in degrees, class index) of each sector of the valence-arousal circle, counter-clockwise
+EXPR_SECTORS = ((45, 4), (90, 6), (120, 3), (150, 1), (195, 2), (270, 5), (360, 7))
+NEUTRAL_RADIUS, AMBIGUOUS_RADIUS, AMBIGUOUS_DEGREES = 0.2, 0.25, 3.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,7 @@ class RawSpec:
 
 
 def default_raw_root() -> Path:
-    """$ABAW_RAW_DEMO_ROOT, else ``raw-demo-v1`` in the user's cache folder (beside the demo's)."""
+    """$ABAW_RAW_DEMO_ROOT, else ``raw-demo-v<VERSION>`` in the user's cache folder (beside the demo's)."""
     if os.environ.get("ABAW_RAW_DEMO_ROOT"):
         return Path(os.environ["ABAW_RAW_DEMO_ROOT"])
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -373,6 +387,23 @@ def write_openface(path: Path, rows: list[str]) -> None:
     path.write_text("\n".join([header, *rows]) + "\n")
 
 
+def expression_labels(shown: np.ndarray, no_face: np.ndarray) -> np.ndarray:
+    """(n,) class indices 0-7 of the shown (valence, arousal), -1 where ambiguous or faceless (module doc)."""
+    valence, arousal = shown[:, 0], shown[:, 1]
+    radius = np.hypot(valence, arousal)
+    degrees = np.degrees(np.arctan2(arousal, valence)) % 360
+    bounds = np.array([b for b, _ in EXPR_SECTORS], dtype=float)
+    labels = np.array([c for _, c in EXPR_SECTORS])[np.searchsorted(bounds, degrees, side="right").clip(0, 6)]
+    labels = np.where(radius < NEUTRAL_RADIUS, 0, labels)
+    edge = np.min(np.abs(degrees[:, None] - np.array([0.0, *bounds])[None]), axis=1) < AMBIGUOUS_DEGREES
+    ambiguous = ((radius >= NEUTRAL_RADIUS) & (radius < AMBIGUOUS_RADIUS)) | ((radius >= AMBIGUOUS_RADIUS) & edge)
+    return np.where(ambiguous | no_face, -1, labels).astype(np.int64)
+
+
+def write_expression(path: Path, labels: np.ndarray) -> None:
+    path.write_text("\n".join([EXPR_HEADER, *map(str, labels)]) + "\n")
+
+
 def write_latent(path: Path, track: Track) -> None:
     lines = ["frame,valence,arousal,face,speaking"]
     for i, ((v, a), missing, speaking) in enumerate(zip(track.face, track.no_face, track.speaking), start=1):
@@ -444,13 +475,16 @@ class _Writer:
             self.sample += sample
         else:
             write_labels(self.tmp / LABEL_DIR / SPLIT_DIRS[track.split] / f"{name}.txt", track.labels)
+            n_labels = len(track.labels)
+            write_expression(self.tmp / EXPR_DIR / SPLIT_DIRS[track.split] / f"{name}.txt",
+                             expression_labels(track.shown[:n_labels], track.no_face[:n_labels]))
 
 
 def generate_raw(root: str | Path, spec: RawSpec = RawSpec()) -> Path:
     """Write the raw fixture to ``root`` atomically (a temporary sibling folder, then a rename)."""
     root = Path(root)
     with staged_folder(root, "raw demo") as tmp:
-        label_dirs = [Path(LABEL_DIR) / d for d in SPLIT_DIRS.values()]
+        label_dirs = [Path(folder) / d for folder in (LABEL_DIR, EXPR_DIR) for d in SPLIT_DIRS.values()]
         for folder in ["videos", "openface", "transcripts", "latent", *label_dirs]:
             (tmp / folder).mkdir(parents=True)
         writer = _Writer(tmp, spec, np.random.default_rng(spec.seed))
@@ -468,7 +502,7 @@ def generate_raw(root: str | Path, spec: RawSpec = RawSpec()) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m abaw.raw_demo",
                                 description="Generate the raw demo release (once) and print its folder.")
-    p.add_argument("--root", help="where (default $ABAW_RAW_DEMO_ROOT, else ~/.cache/abaw/raw-demo-v1)")
+    p.add_argument("--root", help=f"where (default $ABAW_RAW_DEMO_ROOT, else ~/.cache/abaw/raw-demo-v{VERSION})")
     p.add_argument("--models", help="also write the stand-in backbones (abaw/stand_ins.py) into this folder")
     args = p.parse_args(argv)
     try:
