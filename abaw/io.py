@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,3 +88,14 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@")
+
+
+def redact_url(url: str | None) -> str | None:
+    """A URL with its password replaced by ``***`` (``postgresql://user:***@host/db``), for any file or
+    message: run folders, configs and logs are shared with teammates."""
+    if url is None:
+        return None
+    return _URL_PASSWORD.sub(r"\g<head>:***@", url)

@@ -45,7 +45,7 @@ from .console import console, table
 from .data import Dataset
 from .folds import load_or_make_folds
 from .cv import fold_ids
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, redact_url
 from .models import is_classical, model_info
 from .train import FoldTrainer, TrainingDiverged
 
@@ -279,7 +279,8 @@ def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int,
     study_dir = Path(base.out)
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(study_dir / "tune_config.yaml", yaml.safe_dump(
-        {**asdict(base), "study": study_name, "storage": storage, "pruner": pruner, "tune_folds": tune_folds},
+        {**asdict(base), "study": study_name, "storage": redact_url(storage), "pruner": pruner,
+         "tune_folds": tune_folds},
         sort_keys=False))
     objective = Objective(base, dataset, arch, tune_folds or [], study_dir, folds_dir)
     study, sampler_seed, created = _create_or_join(study_name, storage, study_dir, base.seed, make_pruner(pruner))

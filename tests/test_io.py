@@ -82,3 +82,16 @@ def test_the_demo_folder_is_synced_after_its_rename(tmp_path, disk_log):
     (kind, _, dst), last = disk_log[-2:]
     assert (kind, dst) == ("rename", os.path.realpath(root))
     assert last == ("fsync", os.path.realpath(tmp_path), None)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://abaw:s3cr%40t@db.lab:5432/studies", "postgresql://abaw:***@db.lab:5432/studies"),
+    ("postgresql+psycopg2://u:p@h/d?sslmode=require", "postgresql+psycopg2://u:***@h/d?sslmode=require"),
+    ("postgresql://abaw@db.lab/studies", "postgresql://abaw@db.lab/studies"),  # no password: unchanged
+    ("sqlite:////tmp/x/study.db", "sqlite:////tmp/x/study.db"),
+    ("runs/s/journal.log", "runs/s/journal.log"),
+])
+def test_a_storage_url_keeps_no_password(url, shown):
+    from abaw.io import redact_url
+
+    assert redact_url(url) == shown

@@ -239,3 +239,18 @@ def test_tune_takes_the_default_network_only_when_no_arch_was_named(small_root, 
     for named in (["--arch", "mamba_va", "context_ridge"], ["--config", str(config)]):
         assert cli.run_cv_main(["--data-root", str(small_root), "--tune", "--out", str(tmp_path / "b"), *named]) == 0
         assert studied[-1] == ["mamba_va", "context_ridge"]  # named: passed on, and refused by run_study
+
+
+def test_the_study_folder_keeps_no_storage_password(small_root, tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(tune, "_create_or_join", refuse)  # no server needed: the config is written first
+    with pytest.raises(Stop):
+        tune.run_study(RunConfig(arch=["linear"], folds=3, out=str(tmp_path / "s")), open_dataset(small_root), "s",
+                       n_trials=1, storage="postgresql://abaw:hunter2@db.lab/studies", folds_dir=tmp_path / "folds")
+    written = (tmp_path / "s" / "tune_config.yaml").read_text()
+    assert "postgresql://abaw:***@db.lab/studies" in written and "hunter2" not in written
