@@ -31,6 +31,7 @@ from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .metrics import ccc_loss, score
 from .models import create_model, is_classical, model_class, model_info
 from .runs import write_predictions
+from .schedules import warmup_cosine
 from .windows import WindowDataset, predict_video
 
 DROPOUT_FIELDS = {"dropout", "tcn_dropout"}  # what --dropout / the tuned dropout sets, where present
@@ -114,15 +115,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             continue
         (no_decay if param.ndim < 2 or getattr(param, "_no_weight_decay", False) else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def evaluate(model, videos: list[VideoRecord], config: RunConfig, device) -> tuple[dict[str, float], dict]:
@@ -324,7 +316,7 @@ class FoldTrainer:
         steps_per_epoch = len(self._loader(windows, 0))
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _lr_lambda(cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch))
+            optimizer, warmup_cosine(cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch))
         state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
 
         if (self.out / "last.pt").exists():  # resume an interrupted fold from its last finished epoch

@@ -7,12 +7,13 @@ streams, the stage's counters) atomically, so a kill loses at most the work sinc
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ..schedules import warmup_cosine  # noqa: F401 - re-exported: the trainers' one schedule
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -138,16 +139,6 @@ def batch_loader(dataset, batches: list[np.ndarray], workers: int, device):
     return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
                       worker_init_fn=_one_thread if workers else None, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(0))
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the base rate, then cosine decay to zero (MAE's schedule, per step)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def rng_state(device) -> dict:
