@@ -8,7 +8,7 @@ streams, the stage's counters) atomically, so a kill loses at most the work sinc
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
