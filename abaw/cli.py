@@ -49,7 +49,35 @@ def run_cv_parser() -> argparse.ArgumentParser:
     tune.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     tune.add_argument("--tune-folds", type=int, nargs="+", help="tune on these folds only (saves time)")
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    cluster = p.add_argument_group("cluster (Ray; pip install 'abaw[cluster]')")
+    cluster.add_argument("--cluster", metavar="ADDRESS",
+                         help="run each (arch, fold), or each --tune worker, as a Ray task: auto (the cluster "
+                              "this node belongs to), ray://HOST:PORT, HOST:PORT, or local (start one here)")
+    cluster.add_argument("--gpus-per-fold", type=float, help="GPUs per fold on a cluster with GPUs (default 1; "
+                                                              "a fraction such as 0.5 packs small models)")
+    cluster.add_argument("--cpus-per-fold", type=int, help="CPUs per fold, its torch threads (default 1)")
+    cluster.add_argument("--workers", type=int, help="Optuna workers with --tune (default: as many as the "
+                                                      "cluster runs at once, at most --n-trials)")
     return p
+
+
+CLUSTER_ONLY = ("gpus_per_fold", "cpus_per_fold", "workers")
+
+
+def cluster_config(args: argparse.Namespace):
+    """The --cluster options, or None without --cluster (then none of them may be given)."""
+    given = [f"--{name.replace('_', '-')}" for name in CLUSTER_ONLY if getattr(args, name) is not None]
+    if args.cluster is None:
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --cluster (on one machine: --jobs, --device; "
+                             f"for more tuning workers, start more `run_cv.py --tune` processes on one --storage)")
+        return None
+    if args.workers is not None and not args.tune:
+        raise ValueError("--workers sets the Optuna workers of --tune; a CV run has one Ray task per fold")
+    from .cluster import ClusterConfig
+
+    chosen = {name: getattr(args, name) for name in CLUSTER_ONLY if getattr(args, name) is not None}
+    return ClusterConfig(address=args.cluster, **chosen)
 
 
 def _data_root(config: RunConfig) -> str:
@@ -66,7 +94,7 @@ def _config_names_arch(path: str | None) -> bool:
     return bool(path) and "arch" in load_yaml(path)
 
 
-def _tune(args: argparse.Namespace, config: RunConfig, dataset) -> int:
+def _tune(args: argparse.Namespace, config: RunConfig, dataset, cluster) -> int:
     from dataclasses import replace
 
     from .tune import run_study
@@ -75,6 +103,12 @@ def _tune(args: argparse.Namespace, config: RunConfig, dataset) -> int:
         config = replace(config, out=f"runs/{args.study}")
     if args.arch is None and config.arch == RunConfig().arch and not _config_names_arch(args.config):
         config = replace(config, arch=[TUNED_BY_DEFAULT])  # no --arch: the default zoo's network (the ridge tunes itself)
+    if cluster is not None:
+        from .cluster import run_study_on_cluster
+
+        run_study_on_cluster(cluster, config, dataset, args.study, args.n_trials, args.storage, args.pruner,
+                             args.tune_folds, timeout=args.timeout)
+        return 0
     run_study(config, dataset, args.study, args.n_trials, args.storage, args.pruner, args.tune_folds,
               timeout=args.timeout)
     return 0
@@ -85,6 +119,7 @@ def run_cv_main(argv: list[str] | None = None) -> int:
     args = run_cv_parser().parse_args(argv)
     try:
         config = resolve(args)
+        cluster = cluster_config(args)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}")
         return 2
@@ -97,13 +132,14 @@ def run_cv_main(argv: list[str] | None = None) -> int:
         return 1
     if args.check:
         return 0
+    from .cluster import ClusterError
     from .cv import RunConflict, run_cv
     from .folds import FoldError
 
     try:
         if args.tune:
-            return _tune(args, config, dataset)
-        return run_cv(config, dataset)
-    except (RunConflict, FoldError, ValueError, OSError) as exc:
+            return _tune(args, config, dataset, cluster)
+        return run_cv(config, dataset, cluster=cluster)
+    except (RunConflict, FoldError, ClusterError, ValueError, OSError) as exc:
         print(f"error: {exc}")
         return 2

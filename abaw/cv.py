@@ -121,20 +121,26 @@ class CVProgress:
         self.ids = {task: self.bars.add_task(f"{task[0]} fold {task[1]}", total=epochs, note="queued")
                     for task in tasks}
         self.scores: dict[tuple[str, int], dict] = {}
+        self.nodes: dict[tuple[str, int], str] = {}  # on a cluster: the node each fold runs on
         self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False,
                          auto_refresh=console.is_terminal)
 
     def _render(self):
-        rows = [{"arch": a, "fold": f, "CCC v": s.get("valence", float("nan")), "CCC a": s.get("arousal", float("nan")),
-                 "CCC": s.get("mean", float("nan")), "status": s.get("status", "")}
-                for (a, f), s in sorted(self.scores.items())]
+        shown = sorted(set(self.scores) | set(self.nodes))
+        rows = [{"arch": a, "fold": f, **({"node": self.nodes.get((a, f), "")} if self.nodes else {}),
+                 "CCC v": s.get("valence", float("nan")), "CCC a": s.get("arousal", float("nan")),
+                 "CCC": s.get("mean", float("nan")), "status": s.get("status", "running")}
+                for (a, f) in shown for s in [self.scores.get((a, f), {})]]
         return Group(self.bars, table(rows, title="Fold scores")) if rows else self.bars
 
     def __call__(self, event: dict) -> None:
         key = (event["arch"], event["fold"])
         bar = self.ids[key]
         kind = event["kind"]
-        if kind == "start" and event.get("epochs") == 0:  # a classical fold: one fit, then done (a 1-step bar)
+        if kind == "placed":  # a cluster task started (or was retried) on a node
+            self.nodes[key] = event["node"]
+            self.bars.update(bar, description=f"{key[0]} fold {key[1]} @ {event['node']}", note="starting")
+        elif kind == "start" and event.get("epochs") == 0:  # a classical fold: one fit, then done (a 1-step bar)
             self.bars.update(bar, total=1, completed=0, note="fitting")
         elif kind in ("start", "resumed"):
             self.bars.update(bar, completed=event.get("epoch", 0), note="training")
@@ -150,8 +156,9 @@ class CVProgress:
             self.scores[key] = {"status": "failed"}
         if console.is_terminal:
             self.live.update(self._render())
-        elif kind in ("epoch", "done", "failed", "resumed"):  # logs and CI: one plain line per event
-            detail = {"epoch": lambda: f"epoch {event['epoch']}/{self.bars.tasks[bar].total:.0f} "
+        elif kind in ("placed", "epoch", "done", "failed", "resumed"):  # logs and CI: one plain line per event
+            detail = {"placed": lambda: f"running on node {event['node']} (pid {event['pid']})",
+                      "epoch": lambda: f"epoch {event['epoch']}/{self.bars.tasks[bar].total:.0f} "
                                        f"val CCC {event['val']:.4f} (best {event['best']:.4f})",
                       "done": lambda: f"done: CCC {event['result']['mean']:.4f}",
                       "failed": lambda: f"FAILED: {event['error']}",
@@ -250,8 +257,21 @@ def check_archs(archs: list[str]) -> None:
         raise ValueError(f"unknown architecture(s) {unknown}; known: {', '.join(list_models())}")
 
 
-def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds") -> int:
-    """Train every pending (arch, fold) of the run; returns 0 when every fold completed."""
+def train_on_cluster(cluster, config: RunConfig, dataset: Dataset, folds: pd.DataFrame, out: Path,
+                     tasks: list[tuple[str, int]]) -> list[dict]:
+    """Train the pending (arch, fold) tasks as Ray tasks on the cluster at ``cluster.address``."""
+    from .cluster import cluster_session, train_folds_on_cluster
+
+    with cluster_session(cluster.address) as ray:
+        view = CVProgress(tasks, config.epochs)
+        with view.live:
+            return train_folds_on_cluster(ray, cluster, config, dataset, folds, out, tasks, view)
+
+
+def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds", cluster=None) -> int:
+    """Train every pending (arch, fold) of the run; returns 0 when every fold completed.
+
+    ``cluster`` (an :class:`abaw.cluster.ClusterConfig`): train them as Ray tasks on that cluster."""
     check_archs(config.arch)
     out = Path(config.out)
     folds, folds_file = load_or_make_folds(dataset, config.folds, config.fold_mode, config.seed, folds_dir)
@@ -265,7 +285,10 @@ def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds")
     console.print(f"run {out}: {len(config.arch)} arch x {len(ids)} folds ({folds_file}); "
                   f"{done} already complete, {len(tasks)} to train")
     if tasks:
-        train_folds(config, dataset, folds, out, tasks)
+        if cluster is not None:
+            train_on_cluster(cluster, config, dataset, folds, out, tasks)
+        else:
+            train_folds(config, dataset, folds, out, tasks)
         console.print()
     summary = summarise(run_config, dataset, out, ids)
     console.print(table(summary.to_dict("records"), title=f"Summary ({out / 'summary.csv'})"))

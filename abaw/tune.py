@@ -74,13 +74,20 @@ def suggest_architecture(trial: optuna.Trial, arch: str, size: str) -> dict[str,
     return space(trial, size) if space is not None else {}
 
 
+def journal_path(url: str) -> Path | None:
+    """The journal file a ``--storage`` names (``journal:PATH``, ``*.log``, ``*.journal``), else None."""
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        return Path(url.removeprefix("journal:"))
+    return None
+
+
 def make_storage(url: str | None, study_dir: Path) -> optuna.storages.BaseStorage:
     if url is None:
         url = f"sqlite:///{(study_dir / 'study.db').resolve()}"
-    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+    path = journal_path(url)
+    if path is not None:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -268,20 +275,29 @@ def check_tunable(arch: str) -> None:
                          f"windows to tune. Cross-validate it without --tune: python run_cv.py --arch {arch}")
 
 
-def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int, storage: str | None = None,
-              pruner: str = "median", tune_folds: list[int] | None = None, folds_dir: str | Path = "folds",
-              timeout: float | None = None) -> optuna.Study:
-    """Run (or join) a study for ``base.arch[0]`` and write its report and best config."""
+def check_study_arch(base: RunConfig) -> str:
     if len(base.arch) != 1:
         raise ValueError(f"--tune tunes one architecture at a time, got {base.arch}")
-    arch = base.arch[0]
-    check_tunable(arch)
+    check_tunable(base.arch[0])
+    return base.arch[0]
+
+
+def write_tune_config(base: RunConfig, study_name: str, storage: str | None, pruner: str,
+                      tune_folds: list[int] | None) -> None:
     study_dir = Path(base.out)
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(study_dir / "tune_config.yaml", yaml.safe_dump(
         {**asdict(base), "study": study_name, "storage": redact_url(storage), "pruner": pruner,
          "tune_folds": tune_folds},
         sort_keys=False))
+
+
+def work_on_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int, storage: str | None = None,
+                  pruner: str = "median", tune_folds: list[int] | None = None, folds_dir: str | Path = "folds",
+                  timeout: float | None = None) -> OpenedStudy:
+    """Create or join the study, then run trials until it holds ``n_trials`` finished ones: one worker's share."""
+    arch = check_study_arch(base)
+    study_dir = Path(base.out)
     objective = Objective(base, dataset, arch, tune_folds or [], study_dir, folds_dir)
     study, sampler_seed, created = _create_or_join(study_name, storage, study_dir, base.seed, make_pruner(pruner))
     console.print(f"study {study_name!r} {'created' if created else 'joined'}: sampler seed {sampler_seed}",
@@ -294,7 +310,17 @@ def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int,
     if len(study.get_trials(deepcopy=False, states=finished)) < n_trials:
         study.optimize(objective, timeout=timeout, catch=TRIAL_FAILURES,
                        callbacks=[MaxTrialsCallback(n_trials, states=finished), _print_trial])
-    report_study(study, base, arch, study_dir)
+    return OpenedStudy(study, sampler_seed, created)
+
+
+def run_study(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int, storage: str | None = None,
+              pruner: str = "median", tune_folds: list[int] | None = None, folds_dir: str | Path = "folds",
+              timeout: float | None = None) -> optuna.Study:
+    """Run (or join) a study for ``base.arch[0]`` and write its report and best config."""
+    arch = check_study_arch(base)
+    write_tune_config(base, study_name, storage, pruner, tune_folds)
+    study = work_on_study(base, dataset, study_name, n_trials, storage, pruner, tune_folds, folds_dir, timeout).study
+    report_study(study, base, arch, Path(base.out))
     return study
 
 

@@ -1,0 +1,399 @@
+"""Folds and tuning workers as Ray tasks (``run_cv.py --cluster ADDRESS``): one machine's CV, on many.
+
+Ray (https://docs.ray.io) is the engine: it places each (architecture, fold) on a node with the
+resources the fold asks for, retries a task whose worker or node died, and carries the folds' progress
+back to this driver. Nothing here is home-made scheduling. Ray is an optional extra (``.[cluster]``)
+and is imported only by this module, which only ``--cluster`` imports.
+
+What a cluster run needs from its nodes (checked by :func:`check_shared_storage` before any fold
+starts): every node sees the run folder (folds write their files into it, and a fold retried on
+another node resumes from the ``last.pt`` its first attempt wrote there) and the dataset root (a
+fold reads its features, memory-mapped, from there); every node has this same ``abaw`` installed.
+
+Results: a fold trained on a cluster writes the very files it writes on one machine, given the same
+torch threads per fold (``--cpus-per-fold``; on one machine, ``OMP_NUM_THREADS``). A fold's float
+rounding, and so its last digits, depends on its thread count, not on where it ran.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+
+from .config import RunConfig
+from .data import Dataset
+from .io import atomic_write_json
+
+# Ray retries a task whose worker process or node died (not one that raised): the retry resumes
+# the fold from its last.pt. Three is Ray's own default for tasks, stated here so it is not implicit.
+MAX_RETRIES = 3
+STEP_EVENT_SECONDS = 0.5  # a fold sends at most two batch-progress events a second to the driver
+POLL_SECONDS = 0.25
+CHECK_FILE = ".abaw-cluster-check"
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run this job: no Ray, no cluster at the address, or storage not shared."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str                # auto | local | ray://host:port | host:port (a running cluster's GCS)
+    gpus_per_fold: float = 1.0  # GPUs each fold (or tuning worker) asks for on a cluster with GPUs; < 1 packs
+    cpus_per_fold: int = 1      # CPUs each fold asks for; its torch (and BLAS) threads
+    workers: int | None = None  # Optuna workers with --tune (default: as many as fit on the cluster at once)
+
+    def __post_init__(self):
+        if self.gpus_per_fold <= 0 or (self.gpus_per_fold > 1 and self.gpus_per_fold != int(self.gpus_per_fold)):
+            raise ValueError(f"--gpus-per-fold {self.gpus_per_fold}: give a fraction in (0, 1] to pack folds on a "
+                             f"GPU, or a whole number of GPUs")
+        if self.cpus_per_fold < 1:
+            raise ValueError(f"--cpus-per-fold {self.cpus_per_fold}: a fold needs at least one CPU")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers {self.workers}: at least one worker")
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise ClusterError("--cluster needs Ray: pip install 'abaw[cluster]' (on every node of the cluster)") from exc
+    return ray
+
+
+@contextmanager
+def cluster_session(address: str) -> Iterator[object]:
+    """Connect to the cluster at ``address`` (``local`` starts one on this machine) for the block's duration."""
+    import logging
+
+    ray = _ray()
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+    try:
+        if address == "local":
+            ray.init(address="local", include_dashboard=False, **kwargs)  # a new cluster, never a running one
+        else:
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterError(f"--cluster {address}: cannot connect to a Ray cluster ({exc}). Start one with "
+                           f"`ray start --head` (see README, 'Running on a cluster'), or use --cluster local") from exc
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def node_names(ray) -> dict[str, str]:
+    """Alive nodes: node id -> the name the fold table shows (``ray start --node-name``, else the node's IP)."""
+    return {n["NodeID"]: n.get("NodeName") or n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+
+# -- shared storage -------------------------------------------------------------------------------
+
+def _what_a_node_sees(writable: list[tuple[str, str]], readable: list[tuple[str, int]]) -> tuple[str, list[str]]:
+    """On one node: which of the driver's tokens and files it cannot see (runs as a Ray task)."""
+    missing = []
+    for path, token in writable:
+        try:
+            seen = Path(path).read_text()
+        except OSError:
+            seen = None
+        if seen != token:
+            missing.append(f"{Path(path).parent} (the driver's check file is {'other' if seen else 'not there'})")
+    for path, size in readable:
+        try:
+            ok = Path(path).stat().st_size == size
+        except OSError:
+            ok = False
+        if not ok:
+            missing.append(f"{path} (not there, or not the driver's file)")
+    return socket.gethostname(), missing
+
+
+def check_shared_storage(ray, folders: list[Path], files: list[Path]) -> None:
+    """Refuse to start unless every alive node sees ``folders`` (where this run writes) and ``files``.
+
+    The driver writes a random token into each folder; one task pinned to each node reads the tokens
+    back and stats the files. A node that sees another token, or none, is on other storage."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    tokens = []
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / CHECK_FILE
+        token = secrets.token_hex(16)
+        path.write_text(token)
+        tokens.append((str(path), token))
+    readable = [(str(f), f.stat().st_size) for f in files]
+    see = ray.remote(num_cpus=0, max_retries=0)(_what_a_node_sees)
+    try:
+        names = node_names(ray)
+        refs = {node: see.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                .remote(tokens, readable) for node in names}
+        problems = []
+        for node, ref in refs.items():
+            host, missing = ray.get(ref, timeout=120)
+            problems += [f"node {names[node]} ({host}) cannot see {m}" for m in missing]
+    finally:
+        for path, _ in tokens:
+            Path(path).unlink(missing_ok=True)
+    if problems:
+        raise ClusterError("every node must see the run folder and the dataset on shared storage (NFS, Lustre, "
+                           "GPFS...) at the same path:\n  " + "\n  ".join(problems))
+
+
+def absolute_dataset(dataset: Dataset) -> Dataset:
+    """The dataset with absolute feature paths: a Ray worker's working directory is not the driver's."""
+    videos = {name: replace(v, feature_paths={m: Path(p).resolve() for m, p in v.feature_paths.items()})
+              for name, v in dataset.videos.items()}
+    return replace(dataset, root=Path(dataset.root).resolve(), videos=videos)
+
+
+def dataset_files(dataset: Dataset) -> list[Path]:
+    """One feature file per modality: enough to tell whether a node sees the driver's dataset root."""
+    firsts: dict[str, Path] = {}
+    for video in dataset.videos.values():
+        for modality, path in video.feature_paths.items():
+            firsts.setdefault(modality, Path(path))
+    return list(firsts.values())
+
+
+# -- resources ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Placement:
+    """What each task asks Ray for, and the torch device it trains on there."""
+
+    num_cpus: int
+    num_gpus: float
+    device: str  # "cuda" (Ray sets CUDA_VISIBLE_DEVICES to the task's GPUs) | "cpu"
+
+    def options(self) -> dict:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+
+def placement(ray, cluster: ClusterConfig, device: str) -> Placement:
+    """GPUs per fold where the cluster has GPUs (and --device allows them), else CPUs only.
+
+    Refuses a request no node can meet: Ray would otherwise leave the tasks pending forever."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    has_gpus = any(r.get("GPU", 0) > 0 for r in nodes)
+    if device.startswith("cuda") and not has_gpus:
+        raise ClusterError(f"--device {device}: no node of the cluster has a GPU")
+    use_gpus = has_gpus and device in ("auto", "cuda")
+    if device.startswith("cuda:"):
+        raise ClusterError(f"--device {device}: on a cluster Ray chooses each fold's GPU; use --device cuda or auto")
+    ask = Placement(cluster.cpus_per_fold, cluster.gpus_per_fold if use_gpus else 0.0, "cuda" if use_gpus else "cpu")
+    if not any(r.get("CPU", 0) >= ask.num_cpus and r.get("GPU", 0) >= ask.num_gpus for r in nodes):
+        biggest = max(((r.get("CPU", 0), r.get("GPU", 0)) for r in nodes), default=(0, 0))
+        raise ClusterError(f"each fold asks for {ask.num_cpus} CPU(s) and {ask.num_gpus:g} GPU(s), but no node has "
+                           f"that much (the largest has {biggest[0]:g} CPUs, {biggest[1]:g} GPUs); lower "
+                           f"--cpus-per-fold / --gpus-per-fold")
+    return ask
+
+
+def slots(ray, ask: Placement) -> int:
+    """How many tasks asking ``ask`` the cluster runs at once."""
+    total = 0
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        r = node["Resources"]
+        fits = [int(r.get("CPU", 0) // ask.num_cpus)]
+        if ask.num_gpus:
+            fits.append(int(r.get("GPU", 0) / ask.num_gpus + 1e-9))
+        total += min(fits)
+    return max(1, total)
+
+
+# -- events: folds -> driver ----------------------------------------------------------------------
+
+class EventLog:
+    """A Ray actor the folds send their progress events to; the driver drains it."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def put(self, event: dict) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+
+def _sender(log, throttle: float = STEP_EVENT_SECONDS) -> Callable[[dict], None]:
+    """Fire-and-forget events to the driver; batch-step events at most every ``throttle`` seconds."""
+    last = [0.0]
+
+    def send(event: dict) -> None:
+        if event.get("kind") == "step":
+            now = time.monotonic()
+            if now - last[0] < throttle:
+                return
+            last[0] = now
+        log.put.remote(event)
+
+    return send
+
+
+# -- the fold task --------------------------------------------------------------------------------
+
+def _fold_task(config: RunConfig, arch: str, fold: int, dataset: Dataset, folds: pd.DataFrame, fold_dir: str,
+               device: str, threads: int, log) -> dict:
+    """One (arch, fold) on whichever node Ray chose: resumes from the fold's last.pt if a first attempt died."""
+    import ray
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from .train import FoldTrainer
+
+    torch.set_num_threads(threads)
+    send = _sender(log)
+    send({"arch": arch, "fold": fold, "kind": "placed", "node": ray.get_runtime_context().get_node_id(),
+          "host": socket.gethostname(), "pid": os.getpid()})
+    trainer = FoldTrainer(config, arch, fold, dataset, folds, fold_dir, device=torch.device(device), progress=send)
+    with threadpool_limits(threads):
+        return asdict(trainer.run())
+
+
+def _record_crash(fold_dir: Path, arch: str, fold: int, error: str) -> dict:
+    """A fold whose task failed for good (its retries spent, or an error outside training): failed.json."""
+    from .train import FoldResult
+
+    result = asdict(FoldResult(arch, fold, "failed", error=error))
+    atomic_write_json(fold_dir / "failed.json", result)
+    return result
+
+
+def train_folds_on_cluster(ray, cluster: ClusterConfig, config: RunConfig, dataset: Dataset, folds: pd.DataFrame,
+                           out: Path, tasks: list[tuple[str, int]], view: Callable[[dict], None]) -> list[dict]:
+    """Every pending (arch, fold) as one Ray task; ``view`` gets their progress events, with node names."""
+    out = out.resolve()
+    dataset = absolute_dataset(dataset)
+    check_shared_storage(ray, [out], dataset_files(dataset))
+    ask = placement(ray, cluster, config.device)
+    names = node_names(ray)
+    log = ray.remote(num_cpus=0)(EventLog).remote()
+    task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_fold_task)
+    shared_dataset, shared_folds = ray.put(dataset), ray.put(folds)
+    refs = {task.options(**ask.options(), name=f"{arch} fold {fold}").remote(
+                config, arch, fold, shared_dataset, shared_folds, str(out / arch / f"fold{fold}"), ask.device,
+                ask.num_cpus, log): (arch, fold)
+            for arch, fold in tasks}
+
+    def pump() -> None:
+        for event in ray.get(log.drain.remote()):
+            if event["kind"] == "placed":
+                if event["node"] not in names:
+                    names.update(node_names(ray))  # a node that joined after the start
+                event["node"] = names.get(event["node"], event["host"])
+            view(event)
+
+    results, pending = [], list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
+        pump()
+        for ref in done:
+            arch, fold = refs[ref]
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                error = f"{type(exc).__name__} on the cluster: {str(exc).strip().splitlines()[-1][:300]}"
+                results.append(_record_crash(out / arch / f"fold{fold}", arch, fold, error))
+                view({"arch": arch, "fold": fold, "kind": "failed", "error": error})
+    pump()
+    return results
+
+
+# -- Optuna workers -------------------------------------------------------------------------------
+
+def cluster_storage(storage: str | None) -> str:
+    """A storage every worker reaches: PostgreSQL (any SQLAlchemy server URL) or a journal file, made absolute."""
+    if storage is None or storage.startswith("sqlite"):
+        raise ClusterError("--tune --cluster needs a storage that every node reaches: --storage "
+                           "postgresql://USER@HOST/DB, or a journal file on shared storage (--storage "
+                           "/shared/studies/NAME.log); SQLite is one machine's file")
+    from .tune import journal_path
+
+    journal = journal_path(storage)
+    return f"journal:{journal.resolve()}" if journal is not None else storage
+
+
+def _tune_worker_task(base: RunConfig, dataset: Dataset, study_name: str, n_trials: int, storage: str,
+                      pruner: str, tune_folds: list[int] | None, folds_dir: str, timeout: float | None,
+                      threads: int) -> dict:
+    """One Optuna worker on a node: joins the study (its own fresh sampler seed) and runs trials."""
+    import ray
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from .tune import work_on_study
+
+    torch.set_num_threads(threads)
+    with threadpool_limits(threads):
+        opened = work_on_study(base, dataset, study_name, n_trials, storage, pruner, tune_folds, folds_dir, timeout)
+    return {"sampler_seed": opened.sampler_seed, "created": opened.created,
+            "node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
+
+
+def tune_on_cluster(ray, cluster: ClusterConfig, base: RunConfig, dataset: Dataset, study_name: str, n_trials: int,
+                    storage: str | None, pruner: str, tune_folds: list[int] | None, folds_dir: str | Path,
+                    timeout: float | None) -> tuple[str, list[dict]]:
+    """Run ``cluster.workers`` Optuna workers as Ray tasks on one study; returns the storage they used
+    and, per worker, its node and sampler seed. A worker whose node dies is retried by Ray: it joins
+    the study again with a fresh seed, and the study's heartbeats (RDB storages) fail and retry the
+    trial it had in flight."""
+    storage = cluster_storage(storage)
+    dataset = absolute_dataset(dataset)
+    study_dir = Path(base.out).resolve()
+    from .tune import journal_path
+
+    journal = journal_path(storage)
+    check_shared_storage(ray, [study_dir] + ([journal.parent] if journal else []), dataset_files(dataset))
+    ask = placement(ray, cluster, base.device)
+    workers = cluster.workers or min(n_trials, slots(ray, ask))
+    from .console import console
+
+    console.print(f"{workers} Optuna worker(s) on the cluster, each with {ask.num_cpus} CPU(s)"
+                  f"{f' and {ask.num_gpus:g} GPU(s)' if ask.num_gpus else ''}", markup=False)
+    base = replace(base, out=str(study_dir))
+    task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_tune_worker_task)
+    shared_dataset = ray.put(dataset)
+    refs = [task.options(**ask.options(), name=f"optuna worker {k}").remote(
+                base, shared_dataset, study_name, n_trials, storage, pruner, tune_folds,
+                str(Path(folds_dir).resolve()), timeout, ask.num_cpus)
+            for k in range(workers)]
+    names = node_names(ray)
+    done = []
+    for k, result in enumerate(ray.get(refs)):
+        result["node"] = names.get(result["node"], result["host"])
+        console.print(f"worker {k}: {'created' if result['created'] else 'joined'} the study on node {result['node']}, "
+                      f"sampler seed {result['sampler_seed']}", markup=False)
+        done.append(result)
+    return storage, done
+
+
+def run_study_on_cluster(cluster: ClusterConfig, base: RunConfig, dataset: Dataset, study_name: str, n_trials: int,
+                         storage: str | None, pruner: str = "median", tune_folds: list[int] | None = None,
+                         folds_dir: str | Path = "folds", timeout: float | None = None):
+    """``run_cv.py --tune --cluster``: the study's workers on the cluster, then its report here."""
+    import optuna
+
+    from .tune import check_study_arch, make_storage, report_study, write_tune_config
+
+    arch = check_study_arch(base)
+    cluster_storage(storage)  # refuse SQLite before anything is written
+    write_tune_config(base, study_name, storage, pruner, tune_folds)
+    with cluster_session(cluster.address) as ray:
+        storage, _ = tune_on_cluster(ray, cluster, base, dataset, study_name, n_trials, storage, pruner, tune_folds,
+                                     folds_dir, timeout)
+    study = optuna.load_study(study_name=study_name, storage=make_storage(storage, Path(base.out)))
+    report_study(study, base, arch, Path(base.out))
+    return study

@@ -1,0 +1,280 @@
+"""Folds and tuning workers on a real Ray cluster: a head node and a second node on loopback.
+
+The cluster is started here with ``ray start`` (two processes, one CPU each), as a user starts one on
+a Slurm allocation. Where Ray is not installed these tests skip; under CI (``CI=true``) they fail.
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from abaw import cli
+from abaw.cluster import ClusterConfig, ClusterError, check_shared_storage
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+
+def ray_bin() -> Path:
+    path = Path(sys.executable).parent / "ray"
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the Ray tests: install the extra, pip install -e '.[cluster]'")
+        pytest.skip("Ray is not installed (pip install -e '.[cluster]')")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([str(ray_bin()), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                             "--num-gpus=0", "--disable-usage-stats", *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_for_nodes(address: str, n: int, env: dict, timeout: float = 120) -> None:
+    probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='error'); "
+             "print(sum(node['Alive'] for node in ray.nodes()))")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip() == str(n):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the Ray cluster at {address} did not reach {n} nodes: {out.stdout}{out.stderr}")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A head node and a second node ("node2") joined to it, one CPU each; stopped after the module."""
+    ray_bin()
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    head = start_node(["--head", f"--port={port}", "--node-name=head", "--include-dashboard=false",
+                       f"--temp-dir={tmp_path_factory.mktemp('ray')}"], env)
+    address = f"127.0.0.1:{port}"
+    nodes = [head]
+    try:
+        time.sleep(3)
+        nodes.append(start_node([f"--address={address}", "--node-name=node2"], env))
+        wait_for_nodes(address, 2, env)
+        yield address
+    finally:
+        for node in reversed(nodes):  # SIGTERM: `ray start --block` stops the processes it started
+            os.killpg(node.pid, signal.SIGTERM)
+        for node in nodes:
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+
+
+CV_ARGS = ["--arch", "mamba_va", "tcn", "--folds", "2", "--epochs", "3", "--patience", "10", "--window", "200",
+           "--hop", "100", "--batch-size", "8"]
+
+
+def cv(root, cwd: Path, *extra) -> list[str]:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return [sys.executable, str(REPO / "run_cv.py"), "--data-root", str(root), "--out", "run", *CV_ARGS, *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per fold, on one machine as on the cluster
+
+
+@pytest.fixture(scope="module")
+def one_machine_run(small_root, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("one-machine")
+    out = subprocess.run(cv(small_root, cwd), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return cwd / "run"
+
+
+WALL_CLOCK = "seconds"  # the only field two runs of the same fold write differently
+
+
+def run_files(folder: Path) -> dict[str, object]:
+    """Every file of a run folder, comparable across runs: wall-clock seconds dropped, checkpoints as tensors."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = str(path.relative_to(folder))
+        if path.name == "metrics.json":
+            files[name] = {k: v for k, v in json.loads(path.read_text()).items() if k != WALL_CLOCK}
+        elif path.name == "history.csv":
+            files[name] = pd.read_csv(path).drop(columns=[WALL_CLOCK]).to_csv(index=False)
+        elif path.suffix == ".pt":
+            saved = torch.load(path, weights_only=False)
+            files[name] = {**saved, "state_dict": {k: v.numpy().tobytes() for k, v in saved["state_dict"].items()}}
+        else:
+            files[name] = path.read_bytes()
+    return files
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    files_a, files_b = run_files(a), run_files(b)
+    assert sorted(files_a) == sorted(files_b)
+    different = [name for name in files_a if files_a[name] != files_b[name]]
+    assert not different, f"files that differ between {a} and {b}: {different}"
+
+
+def test_a_cv_on_the_cluster_writes_the_files_of_a_one_machine_run(ray_cluster, small_root, one_machine_run,
+                                                                 tmp_path):
+    out = subprocess.run(cv(small_root, tmp_path, "--cluster", ray_cluster), cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    nodes = set(re.findall(r"fold \d: running on node (\w+) \(pid", out.stdout))
+    assert nodes == {"head", "node2"}, out.stdout  # the folds were spread over both nodes, and the log says where
+    assert_same_run(tmp_path / "run", one_machine_run)
+    assert not list((tmp_path / "run").rglob(".abaw-cluster-check"))  # the storage check cleans up after itself
+
+
+def test_a_fold_whose_worker_is_killed_is_retried_and_resumes(ray_cluster, small_root, one_machine_run, tmp_path):
+    proc = subprocess.Popen(cv(small_root, tmp_path, "--cluster", ray_cluster), cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    placed: dict[str, tuple[str, int]] = {}
+    killed, lines = None, []
+    for line in proc.stdout:
+        lines.append(line)
+        if m := re.match(r"(\w+ fold \d): running on node (\w+) \(pid (\d+)\)", line):
+            placed[m[1]] = (m[2], int(m[3]))
+        m = re.match(r"(\w+ fold \d): epoch 1/3", line)
+        if m and killed is None and placed.get(m[1], ("",))[0] == "node2":
+            killed = m[1]
+            os.kill(placed[killed][1], signal.SIGKILL)  # the worker process running that fold, mid-fold
+    assert proc.wait(timeout=600) == 0, "".join(lines)
+    assert killed is not None, "no fold ran on node2:\n" + "".join(lines)
+    log = "".join(lines)
+    assert log.count(f"{killed}: running on node") == 2, log  # Ray started the fold again ...
+    assert re.search(rf"{killed}: resumed after epoch [1-3]", log), log  # ... from its last.pt
+    assert_same_run(tmp_path / "run", one_machine_run)
+
+
+def test_a_study_on_the_cluster_loses_no_trial_and_repeats_no_parameters(ray_cluster, small_root, tmp_path):
+    storage = tmp_path / "studies" / "shared.log"
+    args = [sys.executable, str(REPO / "run_cv.py"), "--data-root", str(small_root), "--tune", "--arch", "linear",
+            "--study", "shared", "--storage", str(storage), "--n-trials", "6", "--folds", "3", "--tune-folds", "0",
+            "--epochs", "2", "--window", "200", "--pruner", "none", "--out", str(tmp_path / "shared"),
+            "--cluster", ray_cluster, "--workers", "2"]
+    out = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    workers = re.findall(r"worker \d: (created|joined) the study on node (\w+), sampler seed (\d+)", out.stdout)
+    assert sorted(role for role, _, _ in workers) == ["created", "joined"], out.stdout
+    assert len({seed for _, _, seed in workers}) == 2  # each worker samples with a seed of its own
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(study_name="shared", storage=JournalStorage(JournalFileBackend(str(storage))))
+    assert sorted(t.number for t in study.trials) == list(range(len(study.trials))) and len(study.trials) >= 6
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)  # none lost, none left running
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(params)) == len(params)
+    assert (tmp_path / "shared" / "best_config.yaml").exists()
+
+
+# -- without a cluster ----------------------------------------------------------------------------
+
+def test_without_cluster_ray_is_never_imported(small_root, tmp_path):
+    code = ("import sys; from abaw import cli; "
+            f"code = cli.run_cv_main(['--data-root', {str(small_root)!r}, '--out', 'run', '--arch', 'linear', "
+            "'--folds', '2', '--epochs', '1', '--window', '200', '--hop', '200']); "
+            "assert code == 0, code; assert 'ray' not in sys.modules, 'ray was imported'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--workers", "2"], "only apply with --cluster"),
+    (["--gpus-per-fold", "0.5"], "only apply with --cluster"),
+    (["--cluster", "auto", "--gpus-per-fold", "1.5"], "a fraction in (0, 1]"),
+    (["--cluster", "auto", "--cpus-per-fold", "0"], "at least one CPU"),
+    (["--cluster", "auto", "--workers", "2"], "Optuna workers of --tune"),
+    (["--cluster", "auto", "--tune"], "SQLite is one machine's file"),
+])
+def test_cluster_options_are_checked_before_anything_starts(small_root, tmp_path, capsys, flags, words):
+    code = cli.run_cv_main(["--data-root", str(small_root), "--out", str(tmp_path / "run"), "--arch", "linear",
+                            *flags])
+    assert code == 2
+    assert words in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
+class TwoNodes:
+    """A stand-in for the ``ray`` module with two nodes, where ``hidden`` folders are missing on node2
+    (as on a node without the shared disk): node2's task runs while they are moved away."""
+
+    IDS = {"head": "a1" * 28, "node2": "b2" * 28}  # Ray's node ids: 56 hex digits
+
+    def __init__(self, hidden: list[Path]):
+        self.hidden = hidden
+
+    def nodes(self):
+        return [{"NodeID": i, "NodeName": n, "NodeManagerAddress": "10.0.0.1", "Alive": True, "Resources": {}}
+                for n, i in self.IDS.items()]
+
+    def remote(self, **_):
+        hidden = self.hidden
+
+        class Task:
+            def __init__(self, fn, node=None):
+                self.fn, self.node = fn, node
+
+            def options(self, scheduling_strategy):
+                return Task(self.fn, scheduling_strategy.node_id)
+
+            def remote(self, *args):
+                if self.node != TwoNodes.IDS["node2"]:
+                    return self.fn(*args)
+                for folder in hidden:
+                    folder.rename(folder.with_name(folder.name + ".away"))
+                try:
+                    return self.fn(*args)
+                finally:
+                    for folder in hidden:
+                        folder.with_name(folder.name + ".away").rename(folder)
+
+        return Task
+
+    def get(self, value, timeout=None):
+        return value
+
+
+def test_a_node_that_does_not_see_the_run_folder_is_named_and_nothing_starts(tmp_path):
+    pytest.importorskip("ray")
+    run, data = tmp_path / "run", tmp_path / "data"
+    data.mkdir()
+    (data / "v.npy").write_bytes(b"x" * 10)
+    with pytest.raises(ClusterError) as err:
+        check_shared_storage(TwoNodes([run, data]), [run], [data / "v.npy"])
+    message = str(err.value)
+    assert "node node2" in message and str(run) in message and str(data / "v.npy") in message
+    assert "node head" not in message
+    assert not (run / ".abaw-cluster-check").exists()
+    check_shared_storage(TwoNodes([]), [run], [data / "v.npy"])  # every node sees both: no error
+
+
+def test_a_fold_asking_more_than_any_node_has_is_refused():
+    from abaw.cluster import placement
+
+    class Cpus:
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"CPU": 4.0}}, {"Alive": True, "Resources": {"CPU": 8.0}}]
+
+    assert placement(Cpus(), ClusterConfig("auto", cpus_per_fold=8), "auto").device == "cpu"
+    with pytest.raises(ClusterError, match="largest has 8 CPUs"):
+        placement(Cpus(), ClusterConfig("auto", cpus_per_fold=16), "auto")
+    with pytest.raises(ClusterError, match="no node of the cluster has a GPU"):
+        placement(Cpus(), ClusterConfig("auto"), "cuda")
