@@ -6,12 +6,14 @@ a Slurm allocation. Where Ray is not installed these tests skip; under CI (``CI=
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 import pandas as pd
@@ -24,6 +26,12 @@ from abaw.cluster import ClusterConfig, ClusterError, check_shared_storage
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
+
+
+# One thread per fold, on one machine as on the cluster. The test cluster, its drivers and workers
+# authenticate with a token of this session's own (Ray's token auth), never ~/.ray/auth_token.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+       "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def ray_bin() -> Path:
@@ -59,29 +67,30 @@ def wait_for_nodes(address: str, n: int, env: dict, timeout: float = 120) -> Non
     raise TimeoutError(f"the Ray cluster at {address} did not reach {n} nodes: {out.stdout}{out.stderr}")
 
 
+class Cluster(NamedTuple):
+    address: str  # HOST:PORT of the head node's GCS, what `ray start --address` and `--cluster` take
+    client: str  # ray://HOST:PORT of the head's Ray Client server
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A head node and a second node ("node2") joined to it, one CPU each; stopped after the module."""
     ray_bin()
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    head = start_node(["--head", f"--port={port}", "--node-name=head", "--include-dashboard=false",
-                       f"--temp-dir={tmp_path_factory.mktemp('ray')}"], env)
+    port, client_port = free_port(), free_port()
+    env = ENV
+    head = start_node(["--head", f"--port={port}", f"--ray-client-server-port={client_port}", "--node-name=head",
+                       "--include-dashboard=false", f"--temp-dir={tmp_path_factory.mktemp('ray')}"], env)
     address = f"127.0.0.1:{port}"
     nodes = [head]
     try:
         time.sleep(3)
         nodes.append(start_node([f"--address={address}", "--node-name=node2"], env))
         wait_for_nodes(address, 2, env)
-        yield address
+        yield Cluster(address, f"ray://127.0.0.1:{client_port}")
     finally:
-        for node in reversed(nodes):  # SIGTERM: `ray start --block` stops the processes it started
-            os.killpg(node.pid, signal.SIGTERM)
-        for node in nodes:
-            try:
-                node.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
+        for node in reversed(nodes):  # each node's processes form the process group its `ray start` leads
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=30)
 
 
 CV_ARGS = ["--arch", "mamba_va", "tcn", "--folds", "2", "--epochs", "3", "--patience", "10", "--window", "200",
@@ -93,7 +102,6 @@ def cv(root, cwd: Path, *extra) -> list[str]:
     return [sys.executable, str(REPO / "run_cv.py"), "--data-root", str(root), "--out", "run", *CV_ARGS, *extra]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per fold, on one machine as on the cluster
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +141,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def test_a_cv_on_the_cluster_writes_the_files_of_a_one_machine_run(ray_cluster, small_root, one_machine_run,
                                                                  tmp_path):
-    out = subprocess.run(cv(small_root, tmp_path, "--cluster", ray_cluster), cwd=tmp_path, env=ENV,
+    out = subprocess.run(cv(small_root, tmp_path, "--cluster", ray_cluster.address), cwd=tmp_path, env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     nodes = set(re.findall(r"fold \d: running on node (\w+) \(pid", out.stdout))
@@ -143,7 +151,7 @@ def test_a_cv_on_the_cluster_writes_the_files_of_a_one_machine_run(ray_cluster, 
 
 
 def test_a_fold_whose_worker_is_killed_is_retried_and_resumes(ray_cluster, small_root, one_machine_run, tmp_path):
-    proc = subprocess.Popen(cv(small_root, tmp_path, "--cluster", ray_cluster), cwd=tmp_path, env=ENV,
+    proc = subprocess.Popen(cv(small_root, tmp_path, "--cluster", ray_cluster.address), cwd=tmp_path, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     placed: dict[str, tuple[str, int]] = {}
     killed, lines = None, []
@@ -168,7 +176,7 @@ def test_a_study_on_the_cluster_loses_no_trial_and_repeats_no_parameters(ray_clu
     args = [sys.executable, str(REPO / "run_cv.py"), "--data-root", str(small_root), "--tune", "--arch", "linear",
             "--study", "shared", "--storage", str(storage), "--n-trials", "6", "--folds", "3", "--tune-folds", "0",
             "--epochs", "2", "--window", "200", "--pruner", "none", "--out", str(tmp_path / "shared"),
-            "--cluster", ray_cluster, "--workers", "2"]
+            "--cluster", ray_cluster.address, "--workers", "2"]
     out = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     workers = re.findall(r"worker \d: (created|joined) the study on node (\w+), sampler seed (\d+)", out.stdout)
@@ -184,12 +192,27 @@ def test_a_study_on_the_cluster_loses_no_trial_and_repeats_no_parameters(ray_clu
     assert (tmp_path / "shared" / "best_config.yaml").exists()
 
 
+def tiny_cv(root, out, *extra) -> list[str]:
+    return ["--data-root", str(root), "--out", str(out), "--arch", "linear", "--folds", "2", "--epochs", "1",
+            "--window", "200", "--hop", "200", *extra]
+
+
+@pytest.mark.parametrize("how", ["client", "local"])
+def test_a_cv_runs_through_ray_client_and_on_a_cluster_of_its_own(ray_cluster, small_root, tmp_path, how):
+    address = ray_cluster.client if how == "client" else "local"
+    code = f"import sys; from abaw import cli; sys.exit(cli.run_cv_main({tiny_cv(small_root, 'run', '--cluster', address)!r}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len(re.findall(r"linear fold \d: running on node", out.stdout)) == 2, out.stdout
+    summary = pd.read_csv(tmp_path / "run" / "summary.csv")
+    assert list(summary.status) == ["completed"] * 3
+
+
 # -- without a cluster ----------------------------------------------------------------------------
 
 def test_without_cluster_ray_is_never_imported(small_root, tmp_path):
-    code = ("import sys; from abaw import cli; "
-            f"code = cli.run_cv_main(['--data-root', {str(small_root)!r}, '--out', 'run', '--arch', 'linear', "
-            "'--folds', '2', '--epochs', '1', '--window', '200', '--hop', '200']); "
+    code = (f"import sys; from abaw import cli; code = cli.run_cv_main({tiny_cv(small_root, 'run')!r}); "
             "assert code == 0, code; assert 'ray' not in sys.modules, 'ray was imported'")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                          timeout=300)
