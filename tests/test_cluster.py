@@ -6,14 +6,10 @@ a Slurm allocation. Where Ray is not installed these tests skip; under CI (``CI=
 import json
 import os
 import re
-import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import NamedTuple
 
 import optuna
 import pandas as pd
@@ -23,74 +19,29 @@ from optuna.trial import TrialState
 
 from abaw import cli
 from abaw.cluster import ClusterConfig, ClusterError, check_shared_storage
+from abaw.loopback import LoopbackCluster, cluster_env, ray_executable
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 
-# One thread per fold, on one machine as on the cluster. The test cluster, its drivers and workers
-# authenticate with a token of this session's own (Ray's token auth), never ~/.ray/auth_token.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-       "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+# One thread per fold, on one machine as on the cluster; the cluster's own auth token (abaw/loopback.py).
+ENV = cluster_env(threads=1)
 
 
-def ray_bin() -> Path:
-    path = Path(sys.executable).parent / "ray"
-    if not path.exists():
+def require_ray() -> None:
+    if ray_executable() is None:
         if os.environ.get("CI"):
             pytest.fail("CI must run the Ray tests: install the extra, pip install -e '.[cluster]'")
         pytest.skip("Ray is not installed (pip install -e '.[cluster]')")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_node(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([str(ray_bin()), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                             "--num-gpus=0", "--disable-usage-stats", *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def wait_for_nodes(address: str, n: int, env: dict, timeout: float = 120) -> None:
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='error'); "
-             "print(sum(node['Alive'] for node in ray.nodes()))")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip() == str(n):
-            return
-        time.sleep(1)
-    raise TimeoutError(f"the Ray cluster at {address} did not reach {n} nodes: {out.stdout}{out.stderr}")
-
-
-class Cluster(NamedTuple):
-    address: str  # HOST:PORT of the head node's GCS, what `ray start --address` and `--cluster` take
-    client: str  # ray://HOST:PORT of the head's Ray Client server
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A head node and a second node ("node2") joined to it, one CPU each; stopped after the module."""
-    ray_bin()
-    port, client_port = free_port(), free_port()
-    env = ENV
-    head = start_node(["--head", f"--port={port}", f"--ray-client-server-port={client_port}", "--node-name=head",
-                       "--include-dashboard=false", f"--temp-dir={tmp_path_factory.mktemp('ray')}"], env)
-    address = f"127.0.0.1:{port}"
-    nodes = [head]
-    try:
-        time.sleep(3)
-        nodes.append(start_node([f"--address={address}", "--node-name=node2"], env))
-        wait_for_nodes(address, 2, env)
-        yield Cluster(address, f"ray://127.0.0.1:{client_port}")
-    finally:
-        for node in reversed(nodes):  # each node's processes form the process group its `ray start` leads
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait(timeout=30)
+    require_ray()
+    with LoopbackCluster(tmp_path_factory.mktemp("ray"), ENV, nodes=2) as cluster:
+        yield cluster
 
 
 CV_ARGS = ["--arch", "mamba_va", "tcn", "--folds", "2", "--epochs", "3", "--patience", "10", "--window", "200",
@@ -276,7 +227,7 @@ class TwoNodes:
 
 
 def test_a_node_that_does_not_see_the_run_folder_is_named_and_nothing_starts(tmp_path):
-    pytest.importorskip("ray")
+    require_ray()
     run, data = tmp_path / "run", tmp_path / "data"
     data.mkdir()
     (data / "v.npy").write_bytes(b"x" * 10)
