@@ -68,12 +68,28 @@ def _ray():
     return ray
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast when nothing listens at a HOST:PORT or ray://HOST:PORT address: Ray itself keeps
+    retrying an unreachable head for minutes before it gives up."""
+    if address in ("auto", "local"):
+        return  # Ray finds (or starts) these itself, and fails fast when it cannot
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(f"--cluster {address}: expected auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"--cluster {address}: nothing answers at {host}:{port} ({exc}). Is the head node "
+                           f"running (`ray start --head` prints its address; Ray Client listens on 10001)?") from exc
+
+
 @contextmanager
 def cluster_session(address: str) -> Iterator[object]:
     """Connect to the cluster at ``address`` (``local`` starts one on this machine) for the block's duration."""
     import logging
 
     ray = _ray()
+    check_reachable(address)
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
     try:
         if address == "local":

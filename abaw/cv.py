@@ -257,21 +257,25 @@ def check_archs(archs: list[str]) -> None:
         raise ValueError(f"unknown architecture(s) {unknown}; known: {', '.join(list_models())}")
 
 
-def train_on_cluster(cluster, config: RunConfig, dataset: Dataset, folds: pd.DataFrame, out: Path,
-                     tasks: list[tuple[str, int]]) -> list[dict]:
-    """Train the pending (arch, fold) tasks as Ray tasks on the cluster at ``cluster.address``."""
+def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds", cluster=None) -> int:
+    """Train every pending (arch, fold) of the run; returns 0 when every fold completed.
+
+    ``cluster`` (an :class:`abaw.cluster.ClusterConfig`): train them as Ray tasks on that cluster,
+    connected to before anything is written."""
+    if cluster is None:
+        return _run_cv(config, dataset, folds_dir, train_folds)
     from .cluster import cluster_session, train_folds_on_cluster
 
-    with cluster_session(cluster.address) as ray:
+    def train_on_cluster(config, dataset, folds, out, tasks) -> list[dict]:
         view = CVProgress(tasks, config.epochs)
         with view.live:
             return train_folds_on_cluster(ray, cluster, config, dataset, folds, out, tasks, view)
 
+    with cluster_session(cluster.address) as ray:
+        return _run_cv(config, dataset, folds_dir, train_on_cluster)
 
-def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds", cluster=None) -> int:
-    """Train every pending (arch, fold) of the run; returns 0 when every fold completed.
 
-    ``cluster`` (an :class:`abaw.cluster.ClusterConfig`): train them as Ray tasks on that cluster."""
+def _run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path, train) -> int:
     check_archs(config.arch)
     out = Path(config.out)
     folds, folds_file = load_or_make_folds(dataset, config.folds, config.fold_mode, config.seed, folds_dir)
@@ -285,10 +289,7 @@ def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds",
     console.print(f"run {out}: {len(config.arch)} arch x {len(ids)} folds ({folds_file}); "
                   f"{done} already complete, {len(tasks)} to train")
     if tasks:
-        if cluster is not None:
-            train_on_cluster(cluster, config, dataset, folds, out, tasks)
-        else:
-            train_folds(config, dataset, folds, out, tasks)
+        train(config, dataset, folds, out, tasks)
         console.print()
     summary = summarise(run_config, dataset, out, ids)
     console.print(table(summary.to_dict("records"), title=f"Summary ({out / 'summary.csv'})"))

@@ -87,6 +87,8 @@ def killed_run(root: Path, cwd: Path, epochs: int, cluster: LoopbackCluster, env
         now = time.perf_counter()
         log.append(line)
         if m := re.match(r"(\w+ fold \d): running on node (\w+) \(pid (\d+)\)", line):
+            if killed and "first placement" not in times:  # the slot the kill freed: which fold took it
+                times["first placement"], times["first fold"] = now - times["kill"], m[1]
             if m[1] == killed:
                 times.setdefault("placed again", now - times["kill"])
             placed[m[1]] = (m[2], int(m[3]))
@@ -103,7 +105,7 @@ def killed_run(root: Path, cwd: Path, epochs: int, cluster: LoopbackCluster, env
     if proc.wait() != 0 or killed is None:
         raise RuntimeError("".join(log[-50:]))
     times.pop("kill")
-    return {"fold": killed, **times}
+    return {"fold": killed, **times}  # seconds after the kill, and the killed fold's name
 
 
 def main() -> None:
@@ -141,6 +143,8 @@ def main() -> None:
         print(f"killed {kill['fold']} on node2 after epoch 1: placed again after {kill.get('placed again', float('nan')):.1f} s, "
               f"resumed after {kill.get('resumed', float('nan')):.1f} s, done {kill.get('done', float('nan')):.1f} s "
               f"after the kill; predictions equal an unbroken run's: {same_killed}")
+        print(f"  the first fold placed after the kill: {kill['first fold']}, {kill['first placement']:.1f} s after it "
+              f"(a queued fold takes the freed CPU first when the cluster is full)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

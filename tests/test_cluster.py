@@ -186,6 +186,18 @@ def test_cluster_options_are_checked_before_anything_starts(small_root, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_an_address_where_nothing_listens_is_a_clear_error_at_once(small_root, tmp_path, capsys, scheme):
+    require_ray()
+    from abaw.loopback import free_port
+
+    address = f"{scheme}127.0.0.1:{free_port()}"
+    code = cli.run_cv_main(tiny_cv(small_root, tmp_path / "run", "--cluster", address))
+    assert code == 2
+    assert f"--cluster {address}: nothing answers at 127.0.0.1:" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
 class TwoNodes:
     """A stand-in for the ``ray`` module with two nodes, where ``hidden`` folders are missing on node2
     (as on a node without the shared disk): node2's task runs while they are moved away."""
