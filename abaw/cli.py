@@ -53,8 +53,8 @@ def run_cv_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--cluster", metavar="ADDRESS",
                          help="run each (arch, fold), or each --tune worker, as a Ray task: auto (the cluster "
                               "this node belongs to), ray://HOST:PORT, HOST:PORT, or local (start one here)")
-    cluster.add_argument("--gpus-per-fold", type=float, help="GPUs per fold on a cluster with GPUs (default 1; "
-                                                              "a fraction such as 0.5 packs small models)")
+    cluster.add_argument("--gpus-per-fold", type=float, help="GPU share of each fold on a cluster with GPUs "
+                                                              "(default 1; a fraction such as 0.5 packs small models)")
     cluster.add_argument("--cpus-per-fold", type=int, help="CPUs per fold, its torch threads (default 1)")
     cluster.add_argument("--workers", type=int, help="Optuna workers with --tune (default: as many as the "
                                                       "cluster runs at once, at most --n-trials)")

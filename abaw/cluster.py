@@ -2,8 +2,8 @@
 
 Ray (https://docs.ray.io) is the engine: it places each (architecture, fold) on a node with the
 resources the fold asks for, retries a task whose worker or node died, and carries the folds' progress
-back to this driver. Nothing here is home-made scheduling. Ray is an optional extra (``.[cluster]``)
-and is imported only by this module, which only ``--cluster`` imports.
+back to this driver. Nothing here is home-made scheduling. Ray is an optional extra (``.[cluster]``),
+imported inside these functions only, which only ``--cluster`` calls.
 
 What a cluster run needs from its nodes (checked by :func:`check_shared_storage` before any fold
 starts): every node sees the run folder (folds write their files into it, and a fold retried on
@@ -46,14 +46,14 @@ class ClusterError(RuntimeError):
 @dataclass(frozen=True)
 class ClusterConfig:
     address: str                # auto | local | ray://host:port | host:port (a running cluster's GCS)
-    gpus_per_fold: float = 1.0  # GPUs each fold (or tuning worker) asks for on a cluster with GPUs; < 1 packs
+    gpus_per_fold: float = 1.0  # GPU share each fold (or tuning worker) asks for on a cluster with GPUs; < 1 packs
     cpus_per_fold: int = 1      # CPUs each fold asks for; its torch (and BLAS) threads
     workers: int | None = None  # Optuna workers with --tune (default: as many as fit on the cluster at once)
 
     def __post_init__(self):
-        if self.gpus_per_fold <= 0 or (self.gpus_per_fold > 1 and self.gpus_per_fold != int(self.gpus_per_fold)):
-            raise ValueError(f"--gpus-per-fold {self.gpus_per_fold}: give a fraction in (0, 1] to pack folds on a "
-                             f"GPU, or a whole number of GPUs")
+        if not 0 < self.gpus_per_fold <= 1:  # a fold trains on one device: more GPUs would sit reserved and idle
+            raise ValueError(f"--gpus-per-fold {self.gpus_per_fold}: a fold trains on one GPU; give 1, or a fraction "
+                             f"in (0, 1) to pack several folds on a GPU")
         if self.cpus_per_fold < 1:
             raise ValueError(f"--cpus-per-fold {self.cpus_per_fold}: a fold needs at least one CPU")
         if self.workers is not None and self.workers < 1:
@@ -132,18 +132,30 @@ def _what_a_node_sees(writable: list[tuple[str, str]], readable: list[tuple[str,
     return socket.gethostname(), missing
 
 
+def _ask_node(ray, ref, name: str) -> list[str]:
+    """One node's answer to the storage check, as problem lines naming the node."""
+    try:
+        host, missing = ray.get(ref, timeout=120)
+    except ray.exceptions.GetTimeoutError:
+        return [f"node {name} did not answer within 2 minutes"]
+    except ray.exceptions.RayError as exc:  # e.g. abaw not installed there (ModuleNotFoundError)
+        return [f"node {name} failed the check: {last_line(exc)}"]
+    return [f"node {name} ({host}) cannot see {m}" for m in missing]
+
+
 def check_shared_storage(ray, folders: list[Path], files: list[Path]) -> None:
     """Refuse to start unless every alive node sees ``folders`` (where this run writes) and ``files``.
 
-    The driver writes a random token into each folder; one task pinned to each node reads the tokens
-    back and stats the files. A node that sees another token, or none, is on other storage."""
+    The driver writes a random token into each folder, under a name of its own (a network
+    filesystem may cache an earlier check file's absence); one task pinned to each node reads the
+    tokens back and stats the files. A node that sees another token, or none, is on other storage."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    tokens = []
+    tokens, made = [], [f for f in folders if not f.exists()]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / CHECK_FILE
         token = secrets.token_hex(16)
+        path = folder / f"{CHECK_FILE}-{token[:8]}"
         path.write_text(token)
         tokens.append((str(path), token))
     readable = [(str(f), f.stat().st_size) for f in files]
@@ -152,16 +164,21 @@ def check_shared_storage(ray, folders: list[Path], files: list[Path]) -> None:
         names = node_names(ray)
         refs = {node: see.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
                 .remote(tokens, readable) for node in names}
-        problems = []
-        for node, ref in refs.items():
-            host, missing = ray.get(ref, timeout=120)
-            problems += [f"node {names[node]} ({host}) cannot see {m}" for m in missing]
+        problems = [line for node, ref in refs.items() for line in _ask_node(ray, ref, names[node])]
     finally:
         for path, _ in tokens:
             Path(path).unlink(missing_ok=True)
     if problems:
+        for folder in made:  # refused: leave no empty run folder behind
+            folder.rmdir()
         raise ClusterError("every node must see the run folder and the dataset on shared storage (NFS, Lustre, "
-                           "GPFS...) at the same path:\n  " + "\n  ".join(problems))
+                           "GPFS...) at the same path, and have abaw installed:\n  " + "\n  ".join(problems))
+
+
+def last_line(exc: BaseException) -> str:
+    """The last line of an exception's message (Ray's carry the remote traceback before it)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
 
 
 def absolute_dataset(dataset: Dataset) -> Dataset:
@@ -245,10 +262,15 @@ class EventLog:
 
 
 def _sender(log, throttle: float = STEP_EVENT_SECONDS) -> Callable[[dict], None]:
-    """Fire-and-forget events to the driver; batch-step events at most every ``throttle`` seconds."""
+    """Fire-and-forget events to the driver; batch-step events at most every ``throttle`` seconds.
+
+    A fold's end ("done", "failed") is not sent: the driver takes it from the task's result, which
+    cannot arrive out of order or get lost with the log."""
     last = [0.0]
 
     def send(event: dict) -> None:
+        if event.get("kind") in ("done", "failed"):
+            return
         if event.get("kind") == "step":
             now = time.monotonic()
             if now - last[0] < throttle:
@@ -259,28 +281,61 @@ def _sender(log, throttle: float = STEP_EVENT_SECONDS) -> Callable[[dict], None]
     return send
 
 
+class FoldEvents:
+    """The driver's side of the event log: drains it into the view, with node names for node ids."""
+
+    def __init__(self, ray, view: Callable[[dict], None]):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.ray, self.view, self.names = ray, view, node_names(ray)
+        self.nodes: dict[tuple[str, int], str] = {}  # where each fold runs (its latest attempt)
+        self.finished: set[tuple[str, int]] = set()  # folds whose end the view has had: later events are stale
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.log = ray.remote(num_cpus=0, scheduling_strategy=here)(EventLog).remote()  # on the driver's node
+        self.lost = False
+
+    def pump(self) -> None:
+        if self.lost:
+            return
+        try:
+            events = self.ray.get(self.log.drain.remote())
+        except self.ray.exceptions.RayActorError:  # its node died: the folds go on, unseen until they end
+            self.lost = True
+            return
+        for event in events:
+            if (event["arch"], event["fold"]) in self.finished:
+                continue
+            if event["kind"] == "placed":
+                if event["node"] not in self.names:
+                    self.names.update(node_names(self.ray))  # a node that joined after the start
+                event["node"] = self.names.get(event["node"], event["host"])
+                self.nodes[(event["arch"], event["fold"])] = event["node"]
+            self.view(event)
+
+
 # -- the fold task --------------------------------------------------------------------------------
 
 def _fold_task(config: RunConfig, arch: str, fold: int, dataset: Dataset, folds: pd.DataFrame, fold_dir: str,
                device: str, threads: int, log) -> dict:
     """One (arch, fold) on whichever node Ray chose: resumes from the fold's last.pt if a first attempt died."""
     import ray
-    import torch
-    from threadpoolctl import threadpool_limits
 
-    from .train import FoldTrainer
+    from .train import train_fold_in_worker
 
-    torch.set_num_threads(threads)
     send = _sender(log)
     send({"arch": arch, "fold": fold, "kind": "placed", "node": ray.get_runtime_context().get_node_id(),
           "host": socket.gethostname(), "pid": os.getpid()})
-    trainer = FoldTrainer(config, arch, fold, dataset, folds, fold_dir, device=torch.device(device), progress=send)
-    with threadpool_limits(threads):
-        return asdict(trainer.run())
+    return train_fold_in_worker(config, arch, fold, dataset, folds, fold_dir, device, threads, send)
 
 
-def _record_crash(fold_dir: Path, arch: str, fold: int, error: str) -> dict:
-    """A fold whose task failed for good (its retries spent, or an error outside training): failed.json."""
+def remote_task(ray, fn, ask: Placement):
+    """``fn`` as a Ray task that is retried when its worker or node dies. A GPU task gets a fresh worker
+    process each time (``max_calls=1``): a reused one keeps the CUDA context of the GPU it first had."""
+    return ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1 if ask.num_gpus else 0)(fn)
+
+
+def _record_failure(fold_dir: Path, arch: str, fold: int, error: str) -> dict:
+    """A fold whose task failed for good (its retries spent, an error outside training, files missing)."""
     from .train import FoldResult
 
     result = asdict(FoldResult(arch, fold, "failed", error=error))
@@ -288,43 +343,45 @@ def _record_crash(fold_dir: Path, arch: str, fold: int, error: str) -> dict:
     return result
 
 
+def _fold_outcome(ray, ref, fold_dir: Path, arch: str, fold: int, node: str) -> dict:
+    """A finished task's result; a failure (recorded in failed.json) when it raised or its files are not here."""
+    try:
+        result = ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        return _record_failure(fold_dir, arch, fold, f"{last_line(exc)} (on the cluster)")
+    if result["status"] == "completed" and not (fold_dir / "metrics.json").exists():
+        return _record_failure(fold_dir, arch, fold, f"the fold finished on node {node}, but its files are not in "
+                                                     f"{fold_dir}: that node does not share the run folder's storage")
+    return result
+
+
 def train_folds_on_cluster(ray, cluster: ClusterConfig, config: RunConfig, dataset: Dataset, folds: pd.DataFrame,
                            out: Path, tasks: list[tuple[str, int]], view: Callable[[dict], None]) -> list[dict]:
-    """Every pending (arch, fold) as one Ray task; ``view`` gets their progress events, with node names."""
+    """Every pending (arch, fold) as one Ray task; ``view`` gets their progress events, with node names.
+
+    Call :func:`check_shared_storage` first (``run_cv`` does, before it writes anything)."""
     out = out.resolve()
     dataset = absolute_dataset(dataset)
-    check_shared_storage(ray, [out], dataset_files(dataset))
     ask = placement(ray, cluster, config.device)
-    names = node_names(ray)
-    log = ray.remote(num_cpus=0)(EventLog).remote()
-    task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_fold_task)
+    events = FoldEvents(ray, view)
+    task = remote_task(ray, _fold_task, ask)
     shared_dataset, shared_folds = ray.put(dataset), ray.put(folds)
     refs = {task.options(**ask.options(), name=f"{arch} fold {fold}").remote(
                 config, arch, fold, shared_dataset, shared_folds, str(out / arch / f"fold{fold}"), ask.device,
-                ask.num_cpus, log): (arch, fold)
+                ask.num_cpus, events.log): (arch, fold)
             for arch, fold in tasks}
-
-    def pump() -> None:
-        for event in ray.get(log.drain.remote()):
-            if event["kind"] == "placed":
-                if event["node"] not in names:
-                    names.update(node_names(ray))  # a node that joined after the start
-                event["node"] = names.get(event["node"], event["host"])
-            view(event)
-
     results, pending = [], list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
-        pump()
+        events.pump()
         for ref in done:
             arch, fold = refs[ref]
-            try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayError as exc:
-                error = f"{type(exc).__name__} on the cluster: {str(exc).strip().splitlines()[-1][:300]}"
-                results.append(_record_crash(out / arch / f"fold{fold}", arch, fold, error))
-                view({"arch": arch, "fold": fold, "kind": "failed", "error": error})
-    pump()
+            result = _fold_outcome(ray, ref, out / arch / f"fold{fold}", arch, fold,
+                                   events.nodes.get((arch, fold), "?"))
+            results.append(result)
+            events.finished.add((arch, fold))
+            view({"arch": arch, "fold": fold, **({"kind": "done", "result": result} if result["status"] == "completed"
+                                                 else {"kind": "failed", "error": result["error"]})})
     return results
 
 
@@ -379,8 +436,8 @@ def tune_on_cluster(ray, cluster: ClusterConfig, base: RunConfig, dataset: Datas
 
     console.print(f"{workers} Optuna worker(s) on the cluster, each with {ask.num_cpus} CPU(s)"
                   f"{f' and {ask.num_gpus:g} GPU(s)' if ask.num_gpus else ''}", markup=False)
-    base = replace(base, out=str(study_dir))
-    task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_tune_worker_task)
+    base = replace(base, out=str(study_dir), device=ask.device)  # Ray may leave a GPU visible to a CPU task
+    task = remote_task(ray, _tune_worker_task, ask)
     shared_dataset = ray.put(dataset)
     refs = [task.options(**ask.options(), name=f"optuna worker {k}").remote(
                 base, shared_dataset, study_name, n_trials, storage, pruner, tune_folds,

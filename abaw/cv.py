@@ -39,7 +39,7 @@ from .metrics import score
 from .models import list_models
 from .runs import read_prediction_table
 from .devices import resolve_device
-from .train import FoldResult, FoldTrainer
+from .train import FoldTrainer, train_fold_in_worker
 
 # Options that may change between a run and its resumption without changing any result.
 RESUMABLE_KEYS = {"arch", "jobs", "device"}
@@ -94,19 +94,12 @@ def is_complete(fold_dir: Path) -> bool:
 
 def _fold_job(config: RunConfig, arch: str, fold: int, dataset: Dataset, folds: pd.DataFrame, out: Path,
               device_pool, threads: int, events) -> dict:
-    """One (arch, fold) in a worker process: threads capped so parallel folds don't oversubscribe cores.
-
-    The device is borrowed from a shared pool for the fold's duration, so two folds never share a
-    GPU however joblib schedules them."""
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(threads)
+    """One (arch, fold) in a joblib worker. The device is borrowed from a shared pool for the fold's
+    duration, so two folds never share a GPU however joblib schedules them."""
     device = device_pool.get()
     try:
-        trainer = FoldTrainer(config, arch, fold, dataset, folds, out / arch / f"fold{fold}",
-                              device=torch.device(device), progress=events.put)
-        with threadpool_limits(threads):  # numpy's BLAS too (a classical fit is numpy matrix products)
-            return asdict(trainer.run())
+        return train_fold_in_worker(config, arch, fold, dataset, folds, out / arch / f"fold{fold}", device, threads,
+                                    events.put)
     finally:
         device_pool.put(device)
 
@@ -264,7 +257,7 @@ def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds",
     connected to before anything is written."""
     if cluster is None:
         return _run_cv(config, dataset, folds_dir, train_folds)
-    from .cluster import cluster_session, train_folds_on_cluster
+    from .cluster import absolute_dataset, check_shared_storage, cluster_session, dataset_files, train_folds_on_cluster
 
     def train_on_cluster(config, dataset, folds, out, tasks) -> list[dict]:
         view = CVProgress(tasks, config.epochs)
@@ -272,6 +265,7 @@ def run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path = "folds",
             return train_folds_on_cluster(ray, cluster, config, dataset, folds, out, tasks, view)
 
     with cluster_session(cluster.address) as ray:
+        check_shared_storage(ray, [Path(config.out).resolve()], dataset_files(absolute_dataset(dataset)))
         return _run_cv(config, dataset, folds_dir, train_on_cluster)
 
 

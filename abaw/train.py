@@ -396,3 +396,16 @@ class FoldTrainer:
                 _, preds = predict(videos)
                 save_predictions(arch_dir / folder / f"fold{self.fold}.csv", preds, videos, labelled_only=False)
         return val
+
+
+def train_fold_in_worker(config: RunConfig, arch: str, fold: int, dataset: Dataset, folds: pd.DataFrame,
+                         fold_dir: str | Path, device: str, threads: int, progress: ProgressCallback) -> dict:
+    """One fold in a worker process (joblib or Ray), as a plain dict: torch and BLAS capped at
+    ``threads``, so that folds running side by side do not oversubscribe the cores, and so that a
+    fold's float rounding depends on its thread count alone, wherever it runs."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    trainer = FoldTrainer(config, arch, fold, dataset, folds, fold_dir, device=torch.device(device), progress=progress)
+    with threadpool_limits(threads):  # numpy's BLAS too (a classical fit is numpy matrix products)
+        return asdict(trainer.run())

@@ -98,7 +98,7 @@ def test_a_cv_on_the_cluster_writes_the_files_of_a_one_machine_run(ray_cluster, 
     nodes = set(re.findall(r"fold \d: running on node (\w+) \(pid", out.stdout))
     assert nodes == {"head", "node2"}, out.stdout  # the folds were spread over both nodes, and the log says where
     assert_same_run(tmp_path / "run", one_machine_run)
-    assert not list((tmp_path / "run").rglob(".abaw-cluster-check"))  # the storage check cleans up after itself
+    assert not list((tmp_path / "run").rglob(".abaw-cluster-check*"))  # the storage check cleans up after itself
 
 
 def test_a_fold_whose_worker_is_killed_is_retried_and_resumes(ray_cluster, small_root, one_machine_run, tmp_path):
@@ -148,16 +148,24 @@ def tiny_cv(root, out, *extra) -> list[str]:
             "--window", "200", "--hop", "200", *extra]
 
 
-@pytest.mark.parametrize("how", ["client", "local"])
-def test_a_cv_runs_through_ray_client_and_on_a_cluster_of_its_own(ray_cluster, small_root, tmp_path, how):
-    address = ray_cluster.client if how == "client" else "local"
-    code = f"import sys; from abaw import cli; sys.exit(cli.run_cv_main({tiny_cv(small_root, 'run', '--cluster', address)!r}))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+def run_tiny_cv(root, cwd: Path, address: str) -> subprocess.CompletedProcess:
+    code = f"import sys; from abaw import cli; sys.exit(cli.run_cv_main({tiny_cv(root, 'run', '--cluster', address)!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def check_tiny_cv(out: subprocess.CompletedProcess, run: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert len(re.findall(r"linear fold \d: running on node", out.stdout)) == 2, out.stdout
-    summary = pd.read_csv(tmp_path / "run" / "summary.csv")
-    assert list(summary.status) == ["completed"] * 3
+    assert list(pd.read_csv(run / "summary.csv").status) == ["completed"] * 3
+
+
+def test_a_cv_runs_through_ray_client(ray_cluster, small_root, tmp_path):
+    check_tiny_cv(run_tiny_cv(small_root, tmp_path, ray_cluster.client), tmp_path / "run")
+
+
+def test_a_cv_runs_on_a_cluster_of_its_own_with_cluster_local(small_root, tmp_path):
+    require_ray()
+    check_tiny_cv(run_tiny_cv(small_root, tmp_path, "local"), tmp_path / "run")
 
 
 # -- without a cluster ----------------------------------------------------------------------------
@@ -173,7 +181,7 @@ def test_without_cluster_ray_is_never_imported(small_root, tmp_path):
 @pytest.mark.parametrize("flags, words", [
     (["--workers", "2"], "only apply with --cluster"),
     (["--gpus-per-fold", "0.5"], "only apply with --cluster"),
-    (["--cluster", "auto", "--gpus-per-fold", "1.5"], "a fraction in (0, 1]"),
+    (["--cluster", "auto", "--gpus-per-fold", "2"], "a fold trains on one GPU"),
     (["--cluster", "auto", "--cpus-per-fold", "0"], "at least one CPU"),
     (["--cluster", "auto", "--workers", "2"], "Optuna workers of --tune"),
     (["--cluster", "auto", "--tune"], "SQLite is one machine's file"),
@@ -248,19 +256,56 @@ def test_a_node_that_does_not_see_the_run_folder_is_named_and_nothing_starts(tmp
     message = str(err.value)
     assert "node node2" in message and str(run) in message and str(data / "v.npy") in message
     assert "node head" not in message
-    assert not (run / ".abaw-cluster-check").exists()
+    assert not run.exists()  # made for the check, removed when refused
     check_shared_storage(TwoNodes([]), [run], [data / "v.npy"])  # every node sees both: no error
+
+
+class Nodes:
+    """A stand-in for the ``ray`` module: alive nodes with these resources."""
+
+    def __init__(self, *resources: dict):
+        self.resources = resources
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": r} for r in self.resources]
 
 
 def test_a_fold_asking_more_than_any_node_has_is_refused():
     from abaw.cluster import placement
 
-    class Cpus:
-        def nodes(self):
-            return [{"Alive": True, "Resources": {"CPU": 4.0}}, {"Alive": True, "Resources": {"CPU": 8.0}}]
-
-    assert placement(Cpus(), ClusterConfig("auto", cpus_per_fold=8), "auto").device == "cpu"
+    cpus = Nodes({"CPU": 4.0}, {"CPU": 8.0})
+    assert placement(cpus, ClusterConfig("auto", cpus_per_fold=8), "auto") == placement(cpus, ClusterConfig(
+        "auto", cpus_per_fold=8), "cpu")
+    assert placement(cpus, ClusterConfig("auto", cpus_per_fold=8), "auto").device == "cpu"
     with pytest.raises(ClusterError, match="largest has 8 CPUs"):
-        placement(Cpus(), ClusterConfig("auto", cpus_per_fold=16), "auto")
+        placement(cpus, ClusterConfig("auto", cpus_per_fold=16), "auto")
     with pytest.raises(ClusterError, match="no node of the cluster has a GPU"):
-        placement(Cpus(), ClusterConfig("auto"), "cuda")
+        placement(cpus, ClusterConfig("auto"), "cuda")
+    with pytest.raises(ClusterError, match="Ray chooses each fold's GPU"):
+        placement(Nodes({"CPU": 8.0, "GPU": 2.0}), ClusterConfig("auto"), "cuda:1")
+
+
+def test_on_a_gpu_cluster_each_fold_asks_for_its_share_of_a_gpu():
+    from abaw.cluster import Placement, placement, slots
+
+    gpus = Nodes({"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}, {"CPU": 2.0})  # and a CPU-only head node
+    whole = placement(gpus, ClusterConfig("auto", cpus_per_fold=2), "auto")
+    assert whole == Placement(num_cpus=2, num_gpus=1.0, device="cuda")
+    assert slots(gpus, whole) == 8  # one fold per GPU: the GPUs, not the 32 + 2 CPUs, are the limit
+    half = placement(gpus, ClusterConfig("auto", gpus_per_fold=0.5, cpus_per_fold=2), "cuda")
+    assert half.num_gpus == 0.5 and slots(gpus, half) == 16
+    assert slots(gpus, placement(gpus, ClusterConfig("auto", gpus_per_fold=0.5, cpus_per_fold=4), "auto")) == 8
+    on_cpus = placement(gpus, ClusterConfig("auto", cpus_per_fold=2), "cpu")  # --device cpu: the GPUs are not asked
+    assert on_cpus == Placement(num_cpus=2, num_gpus=0.0, device="cpu") and slots(gpus, on_cpus) == 17
+
+
+def test_a_gpu_fold_gets_a_fresh_worker_process_each_time():
+    """A reused worker would keep the CUDA context of the first GPU it was given."""
+    ray = pytest.importorskip("ray")
+    from abaw.cluster import Placement, remote_task
+
+    def fold():
+        return None
+
+    assert remote_task(ray, fold, Placement(1, 0.5, "cuda"))._default_options["max_calls"] == 1
+    assert remote_task(ray, fold, Placement(1, 0.0, "cpu"))._default_options["max_calls"] == 0
