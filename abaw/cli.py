@@ -8,6 +8,7 @@ from .config import RunConfig, resolve
 
 
 TUNED_BY_DEFAULT = "mamba_va"
+STORAGE_ENV = "ABAW_STORAGE"  # an environment variable that may hold the --storage URL, password and all
 
 
 def run_cv_parser() -> argparse.ArgumentParser:
@@ -44,8 +45,10 @@ def run_cv_parser() -> argparse.ArgumentParser:
     tune.add_argument("--tune", action="store_true", help="run an Optuna study instead of a CV run")
     tune.add_argument("--n-trials", type=int, default=20, help="trials in the study, shared by all workers")
     tune.add_argument("--study", default="study", help="study name")
-    tune.add_argument("--storage", help="Optuna storage: SQLAlchemy URL (postgresql://...), or a journal "
-                                        "file (*.log / journal:PATH); default SQLite in the study folder")
+    tune.add_argument("--storage", default=os.environ.get(STORAGE_ENV),
+                      help="Optuna storage: SQLAlchemy URL (postgresql://...), or a journal file (*.log / "
+                           f"journal:PATH); default ${STORAGE_ENV} if set (keeps a password off the command line "
+                           "and out of shell history), else SQLite in the study folder")
     tune.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     tune.add_argument("--tune-folds", type=int, nargs="+", help="tune on these folds only (saves time)")
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")

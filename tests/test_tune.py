@@ -122,8 +122,9 @@ def test_with_a_stop_split_the_objective_is_the_stop_split_ccc(small_root, tmp_p
 
 
 def tune_worker(root, storage, study, tmp_path, n_trials, env=None):
+    """``run_cv.py --tune`` in a subprocess; ``storage`` None: no --storage flag (then $ABAW_STORAGE, if set)."""
     args = [sys.executable, str(REPO / "run_cv.py"), "--data-root", str(root), "--tune", "--arch", "linear",
-            "--study", study, "--storage", storage, "--n-trials", str(n_trials), "--folds", "3",
+            "--study", study, *(["--storage", storage] if storage else []), "--n-trials", str(n_trials), "--folds", "3",
             "--tune-folds", "0", "--epochs", "2", "--window", "200", "--pruner", "none",
             "--out", str(tmp_path / study)]
     return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -156,13 +157,19 @@ def test_two_workers_share_a_journal_file(small_root, tmp_path):
     check_shared_study(JournalStorage(JournalFileBackend(storage)), "shared", 4, tmp_path)
 
 
-@pytest.mark.postgres
-def test_two_workers_share_a_postgres_study(small_root, tmp_path):
+def postgres_url() -> str:
+    """The CI server's URL (its superuser's password, if any, in PGPASSWORD: never in the URL)."""
     url = os.environ.get("ABAW_TEST_POSTGRES_URL")
     if not url:
         if os.environ.get("CI"):
             pytest.fail("CI must run the PostgreSQL test: .ci/run should have set ABAW_TEST_POSTGRES_URL")
         pytest.skip("no PostgreSQL server: set ABAW_TEST_POSTGRES_URL (bash .ci/run starts one)")
+    return url
+
+
+@pytest.mark.postgres
+def test_two_workers_share_a_postgres_study(small_root, tmp_path):
+    url = postgres_url()
     name = f"pg{os.getpid()}"
     workers = [tune_worker(small_root, url, name, tmp_path, 4) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
@@ -254,3 +261,38 @@ def test_the_study_folder_keeps_no_storage_password(small_root, tmp_path, monkey
                        n_trials=1, storage="postgresql://abaw:hunter2@db.lab/studies", folds_dir=tmp_path / "folds")
     written = (tmp_path / "s" / "tune_config.yaml").read_text()
     assert "postgresql://abaw:***@db.lab/studies" in written and "hunter2" not in written
+
+
+@pytest.mark.postgres
+def test_no_password_reaches_a_file_a_table_or_a_message(small_root, tmp_path, monkeypatch):
+    """A study on a role with a password, the URL given on the command line and then in $ABAW_STORAGE:
+    the password is in no file the runs wrote, no table or attribute of the study, nothing printed."""
+    import json
+    import secrets
+    from urllib.parse import urlsplit
+
+    import psycopg
+
+    admin = postgres_url()
+    secret, role = secrets.token_hex(12), f"abaw_cred_{os.getpid()}"
+    with psycopg.connect(admin, autocommit=True) as conn:  # a database of its own: no other test's tables
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{secret}'")
+        conn.execute(f"CREATE DATABASE {role} OWNER {role}")
+    server = urlsplit(admin)
+    url = f"postgresql://{role}:{secret}@{server.hostname}:{server.port}/{role}"
+    monkeypatch.delenv("PGPASSWORD", raising=False)  # the workers log in with the URL's password alone
+    on_command_line = tune_worker(small_root, url, "cred", tmp_path, 2)
+    printed = on_command_line.communicate(timeout=600)[0]
+    from_env = tune_worker(small_root, None, "cred_env", tmp_path, 2, {"ABAW_STORAGE": url})
+    printed += from_env.communicate(timeout=600)[0]
+    assert on_command_line.returncode == 0 and from_env.returncode == 0, printed[-3000:]
+    assert secret not in printed
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "best_config.yaml" for p in written) and any(p.suffix == ".png" for p in written)
+    assert [p for p in written if secret.encode() in p.read_bytes()] == []
+    assert f"postgresql://{role}:***@" in (tmp_path / "cred_env" / "tune_config.yaml").read_text()
+    for name in ("cred", "cred_env"):
+        study = optuna.load_study(study_name=name, storage=url)
+        stored = json.dumps([study.user_attrs] +
+                            [[t.params, t.user_attrs, t.system_attrs] for t in study.trials], default=str)
+        assert len(study.trials) == 2 and secret not in stored
