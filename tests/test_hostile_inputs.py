@@ -124,11 +124,27 @@ def test_sample_frames_going_backwards_or_repeating_name_file_and_line(tiny_root
     assert "line 6)" in problem.message  # where the earlier frame is
 
 
-def test_check_cli_scans_feature_values(tiny_root):
-    path = _corrupt(tiny_root, np.inf, video="t2")
+def run_check(root):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, str(REPO / "run_cv.py"), "--data-root", str(tiny_root), "--check"],
-                            capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+    return subprocess.run([sys.executable, str(REPO / "run_cv.py"), "--data-root", str(root), "--check"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+
+
+def test_check_cli_scans_feature_values(tiny_root):
+    assert "every file scanned, no ±inf and no |x| > 1e+06" in run_check(tiny_root).stdout
+    path = _corrupt(tiny_root, np.inf, video="t2")
+    result = run_check(tiny_root)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 problem(s)" in result.stdout and "Traceback" not in result.stderr
     assert f"{path} (row 7): infinite feature value inf in column 2" in result.stdout
+
+
+def test_a_run_stops_with_an_error_naming_the_file_not_a_traceback(tiny_root, tmp_path, capsys):
+    """No --check, so no scan: the first window holding the value stops the run before a model sees it."""
+    from abaw.cli import run_cv_main
+
+    path = _corrupt(tiny_root, 1e30, video="b_left")
+    code = run_cv_main(["--data-root", str(tiny_root), "--arch", "context_ridge", "--folds", "2",
+                        "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert f"error: 1 problem(s) in the dataset:\n  {path} (row 7): absurd" in capsys.readouterr().out
