@@ -576,7 +576,8 @@ def _most_common(counts) -> int:
 
 
 def attach_features(root: Path, videos: dict[str, VideoRecord], dims: dict[str, int | None],
-                    tolerance: int = FRAME_TOLERANCE, scan_values: bool = False) -> tuple[list[Alignment], list[Problem]]:
+                    tolerance: int = FRAME_TOLERANCE,
+                    scan_values: bool = False) -> tuple[list[Alignment], list[Problem]]:
     """Check every video's feature files (headers; every value too with ``scan_values``) and match
     their rows to its frame count."""
     problems: list[Problem] = []
