@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .console import console, table
-from .data import DataError, Dataset, load_dataset
+from .data import FEATURE_LIMIT, DataError, Dataset, load_dataset
 
 
 def check_dataset(root, **kwargs) -> Dataset | None:
@@ -17,6 +17,8 @@ def check_dataset(root, **kwargs) -> Dataset | None:
             console.print(f"  {problem}", markup=False)
         return None
     print_summary(dataset)
+    if kwargs.get("scan_values"):
+        console.print(f"feature values: every file scanned, no ±inf and no |x| > {FEATURE_LIMIT:g}")
     return dataset
 
 

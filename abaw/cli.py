@@ -129,20 +129,23 @@ def run_cv_main(argv: list[str] | None = None) -> int:
     root = _data_root(config)
     from .checks import check_dataset
 
+    # --check scans every feature value (seconds per 10 GB); a run checks each window as it reads it
     dataset = check_dataset(root, test_list=config.test_list, test_sample=config.test_sample,
-                            subjects=config.subjects)
+                            subjects=config.subjects, scan_values=args.check)
     if dataset is None:
         return 1
     if args.check:
         return 0
     from .cluster import ClusterError
     from .cv import RunConflict, run_cv
+    from .data import DataError
     from .folds import FoldError
 
     try:
         if args.tune:
             return _tune(args, config, dataset, cluster)
         return run_cv(config, dataset, cluster=cluster)
-    except (RunConflict, FoldError, ClusterError, ValueError, OSError) as exc:
+    # DataError: a corrupt feature value met in a window as it is read (data.VideoRecord.features)
+    except (RunConflict, FoldError, ClusterError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}")
         return 2

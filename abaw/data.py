@@ -17,9 +17,15 @@ written at another rate, or the frames without a face were dropped instead of wr
 and either way every later frame would be paired with the wrong label.
 
 Features are memory-mapped and only the requested window is read, so a dataset never sits in RAM whole.
+
+Feature values: a NaN row means no face; ±inf and magnitudes beyond ``FEATURE_LIMIT`` are corrupt.
+Scanning every value of the release (~12 GB) at every run would cost seconds to minutes, so
+:meth:`VideoRecord.features` checks each window it reads (every value a model sees passes there)
+and ``load_dataset(scan_values=True)`` (``run_cv.py --check``) scans every file once, in blocks.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import text_lines
+from .io import TextDecodeError, text_lines
 from .metrics import INVALID_LABEL, valid_label_mask  # noqa: F401 - re-exported: the data layer's fact too
 from .subjects import SubjectRule, read_subject_file
 
@@ -44,6 +50,13 @@ CROPS_DIR = "cropped_aligned"  # the release's face crops: cropped_aligned/<vide
 # by a frame or two at a video's end; dropped no-face rows (a median face share of 0.99 means ~1%
 # of the rows) or another frame rate give far larger gaps, so a percentage would let them through.
 FRAME_TOLERANCE = 5
+# A feature value beyond this magnitude is corruption, not a feature: CLIP/MAE embeddings stay within
+# tens, log-mel energies within about ±120 dB, OpenFace AU intensities within 0-5 and landmarks within
+# a few thousand pixels. 1e6 leaves orders of magnitude of headroom and still catches uninitialised
+# memory (1e30-like garbage) and overflow (±inf), which would wreck normalisation and the loss.
+FEATURE_LIMIT = 1e6
+SCAN_BLOCK_BYTES = 64 << 20  # the value scan's read size: little RAM, ~1.7 GiB/s from the page cache
+NPY_MAGIC = b"\x93NUMPY"
 
 # The image location of a frame, "video/00001.jpg" (1-based): one home for the pattern.
 IMAGE_LOCATION_PATTERN = r"^(?P<video>[^/\\]+)/(?P<frame>\d+)\.jpg$"
@@ -64,6 +77,9 @@ class DataError(Exception):
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(f"{len(problems)} problem(s) in the dataset:\n{lines}{more}")
 
+    def __reduce__(self):  # rebuilt from its problems, not its message, when sent across processes
+        return DataError, (self.problems,)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -80,10 +96,21 @@ class Problem:
         return f"{self.path}{where}: {self.message}"
 
 
+def read_lines(path: Path) -> tuple[list[str], list[Problem]]:
+    """A text file's lines (see :func:`abaw.io.text_lines`), or none and the problem why it cannot be read."""
+    try:
+        return text_lines(path), []
+    except TextDecodeError as exc:
+        return [], [Problem(path, exc.reason, line=exc.line)]
+    except OSError as exc:  # a folder named *.txt, no permission: a problem of the input, not a crash
+        return [], [Problem(path, f"cannot read: {exc.strerror or exc}")]
+
+
 def parse_label_file(path: Path) -> tuple[np.ndarray, list[Problem]]:
     """Parse one annotation file into (T, 2) float32 labels, collecting every problem with its line."""
-    problems: list[Problem] = []
-    lines = text_lines(path)
+    lines, problems = read_lines(path)
+    if problems:
+        return np.zeros((0, 2), np.float32), problems
     if not lines:
         return np.zeros((0, 2), np.float32), [Problem(path, "empty file (no header, no frames)")]
     header = [c.strip().lower() for c in lines[0].split(",")]
@@ -104,6 +131,10 @@ def parse_label_file(path: Path) -> tuple[np.ndarray, list[Problem]]:
             except ValueError:
                 problems.append(Problem(path, f"non-numeric {LABEL_HEADER[j]} {cell!r}", line=lineno))
                 continue
+            if not math.isfinite(value):  # float() accepts nan/inf/Infinity; they are no label (-5 is)
+                problems.append(Problem(path, f"{LABEL_HEADER[j]} is {cell!r}, not a finite number "
+                                              f"(-5 marks a frame without a label)", line=lineno))
+                continue
             if value != INVALID_LABEL and not -1.0 <= value <= 1.0:
                 problems.append(
                     Problem(path, f"{LABEL_HEADER[j]} {value} outside [-1, 1] and not -5", line=lineno)
@@ -114,8 +145,11 @@ def parse_label_file(path: Path) -> tuple[np.ndarray, list[Problem]]:
 
 
 def parse_test_list(path: Path) -> tuple[list[str], list[Problem]]:
-    names, problems, seen = [], [], set()
-    for lineno, line in enumerate(text_lines(path), start=1):
+    lines, problems = read_lines(path)
+    if problems:
+        return [], problems
+    names, seen = [], set()
+    for lineno, line in enumerate(lines, start=1):
         name = line.strip()
         if not name:
             problems.append(Problem(path, "blank line inside the test video list", line=lineno))
@@ -148,14 +182,15 @@ class SampleFile:
 
 
 def parse_sample_file(path: Path) -> tuple[SampleFile, list[Problem]]:
-    problems: list[Problem] = []
-    lines = text_lines(path)
+    lines, problems = read_lines(path)
     if not lines:
-        return SampleFile(path, [], np.array([], str), np.array([], int)), [Problem(path, "empty file")]
+        return SampleFile(path, [], np.array([], str), np.array([], int)), problems or [Problem(path, "empty file")]
     header = [c.strip().lower() for c in lines[0].split(",")]
     if header[:1] != ["image_location"]:
         problems.append(Problem(path, f"header must start with 'image_location', got {lines[0]!r}", line=1))
-    locations, videos, frames, lines_of, seen = [], [], [], [], set()
+    locations, videos, frames, lines_of = [], [], [], []
+    first: dict[tuple[str, int], int] = {}  # (video, frame) -> its line
+    previous: dict[str, tuple[int, int]] = {}  # video -> (its previous row's frame, that row's line)
     for lineno, line in enumerate(lines[1:], start=2):
         location = line.split(",")[0].strip()
         match = _IMAGE_RE.match(location)
@@ -165,10 +200,10 @@ def parse_sample_file(path: Path) -> tuple[SampleFile, list[Problem]]:
         if int(match["frame"]) < 1:
             problems.append(Problem(path, f"frame numbers start at 1 (00001.jpg), got {location!r}", line=lineno))
             continue
-        if location in seen:
-            problems.append(Problem(path, f"duplicate frame {location!r}", line=lineno))
+        order = _frame_order_problem(match["video"], int(match["frame"]), lineno, first, previous)
+        if order:
+            problems.append(Problem(path, f"{location!r}: {order}", line=lineno))
             continue
-        seen.add(location)
         locations.append(location)
         lines_of.append(lineno)
         videos.append(match["video"])
@@ -176,6 +211,22 @@ def parse_sample_file(path: Path) -> tuple[SampleFile, list[Problem]]:
     sample = SampleFile(path, locations, np.array(videos, dtype=str), np.array(frames, dtype=np.int64),
                         np.array(lines_of, dtype=np.int64))
     return sample, problems
+
+
+def _frame_order_problem(video: str, frame: int, line: int, first: dict[tuple[str, int], int],
+                         previous: dict[str, tuple[int, int]]) -> str | None:
+    """Why this row cannot follow the video's rows so far, or None; records the row. Frames must increase
+    within a video: a repeat would be predicted twice, and a step back means a shuffled or merged file.
+    Each row is compared with the row before it, so one misplaced row is one problem, not a cascade."""
+    if (video, frame) in first:
+        return f"duplicate frame: frame {frame} of video {video!r} again (first on line {first[video, frame]})"
+    first[video, frame] = line
+    last, last_line = previous.get(video, (0, 0))
+    previous[video] = (frame, line)
+    if frame < last:
+        return (f"frame {frame} of video {video!r} goes backwards after frame {last} (line {last_line}); "
+                f"frame numbers must increase within a video")
+    return None
 
 
 def find_one(root: Path, patterns: tuple[str, ...], what: str, explicit: str | Path | None) -> Path | None:
@@ -224,10 +275,48 @@ class VideoRecord:
         stop = self.n_frames if stop is None else stop
         array = self._memmap(modality)
         rows = np.clip(np.arange(start, stop, step), 0, len(array) - 1)
-        window = np.asarray(array[rows], dtype=np.float32)
+        raw = array[rows]
+        if not within_limit(raw):  # every value a model sees passes here: none is ever inf or 1e30
+            raise DataError([bad_value_problem(self.feature_paths[modality], raw, rows)])
+        window = np.asarray(raw, dtype=np.float32)
         present = ~np.isnan(window).any(axis=1)
         window[~present] = 0.0
         return window, present
+
+
+def within_limit(values: np.ndarray) -> bool:
+    """True if no value is ±inf or beyond ``FEATURE_LIMIT``; NaN (no face) is legal.
+
+    Two reductions and no temporary array: fmax/fmin skip NaN, where max/min would return it."""
+    if values.size == 0:
+        return True
+    high, low = np.fmax.reduce(values, axis=None), np.fmin.reduce(values, axis=None)
+    return bool(np.isnan(high) or (high <= FEATURE_LIMIT and low >= -FEATURE_LIMIT))
+
+
+def bad_value_problem(path: Path, values: np.ndarray, rows: np.ndarray) -> Problem:
+    """The problem of the first bad value of (L, D) ``values`` (file rows ``rows``), and how many rows are bad.
+    Only called on a failed :func:`within_limit`, so the temporary arrays cost nothing in a clean run."""
+    with np.errstate(invalid="ignore"):
+        bad = np.abs(values) > FEATURE_LIMIT
+    index, column = np.argwhere(bad)[0]
+    value = values[index, column]
+    kind = "infinite" if np.isinf(value) else f"absurd (|x| > {FEATURE_LIMIT:g})"
+    more = bad.any(axis=1).sum() - 1
+    more = f"; {more} more bad row(s) among rows {rows[0]}-{rows[-1]}" if more else ""
+    return Problem(path, f"{kind} feature value {value:g} in column {column}{more} (a frame without a face "
+                         f"is a NaN row; ±inf and |x| > {FEATURE_LIMIT:g} are corrupt values)", row=int(rows[index]))
+
+
+def scan_feature_values(path: Path) -> list[Problem]:
+    """Every value of a feature file checked in blocks of ``SCAN_BLOCK_BYTES``: the first bad block's problem."""
+    array = np.load(path, mmap_mode="r")
+    step = max(1, SCAN_BLOCK_BYTES // max(1, array.shape[1] * array.itemsize))
+    for start in range(0, len(array), step):
+        block = array[start:start + step]
+        if not within_limit(block):
+            return [bad_value_problem(path, np.asarray(block), np.arange(start, start + len(block)))]
+    return []
 
 
 @dataclass(frozen=True)
@@ -430,6 +519,14 @@ def assign_subjects(videos: dict[str, VideoRecord], rule: SubjectRule) -> None:
 def _check_feature_file(path: Path, expected_dim: int | None) -> tuple[int | None, list[Problem]]:
     """Header-only check of an .npy file: returns (rows, problems) without reading the data."""
     try:
+        with open(path, "rb") as file:
+            magic = file.read(len(NPY_MAGIC))
+    except OSError as exc:
+        return None, [Problem(path, f"cannot read: {exc.strerror or exc}")]
+    if magic != NPY_MAGIC:  # else np.load tries it as a pickle and says so, naming no real cause
+        return None, [Problem(path, "not a NumPy .npy file (it does not start with the .npy header); "
+                                    "write features with np.save")]
+    try:
         array = np.load(path, mmap_mode="r")
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a problem to report, not a crash
         return None, [Problem(path, f"cannot read .npy: {exc}")]
@@ -479,8 +576,10 @@ def _most_common(counts) -> int:
 
 
 def attach_features(root: Path, videos: dict[str, VideoRecord], dims: dict[str, int | None],
-                    tolerance: int = FRAME_TOLERANCE) -> tuple[list[Alignment], list[Problem]]:
-    """Check every video's feature files (headers only) and match their rows to its frame count."""
+                    tolerance: int = FRAME_TOLERANCE,
+                    scan_values: bool = False) -> tuple[list[Alignment], list[Problem]]:
+    """Check every video's feature files (headers; every value too with ``scan_values``) and match
+    their rows to its frame count."""
     problems: list[Problem] = []
     rows_of: dict[str, dict[str, int]] = defaultdict(dict)
     for modality, dim in dims.items():
@@ -490,6 +589,8 @@ def attach_features(root: Path, videos: dict[str, VideoRecord], dims: dict[str, 
                 problems.append(Problem(path, f"missing {modality} features of {video.split} video {video.name!r}"))
                 continue
             rows, file_problems = _check_feature_file(path, dim)
+            if scan_values and not file_problems:
+                file_problems = scan_feature_values(path)
             problems += file_problems
             video.feature_paths[modality] = path
             if rows:
@@ -519,12 +620,14 @@ def load_dataset(
     test_sample: str | Path | None = None,
     expected_dims: dict[str, int] | None = None,
     subjects: str | Path | None = None,
+    scan_values: bool = False,
 ) -> tuple[Dataset, list[Problem]]:
     """Index and validate a dataset root. Returns the dataset and every problem found.
 
     Use :func:`open_dataset` to raise on problems instead. ``modalities`` limits which feature
     folders are checked (default: all under ``features/``). ``subjects``: a ``video,subject`` CSV
-    that replaces the default subject rule (see :mod:`abaw.subjects`).
+    that replaces the default subject rule (see :mod:`abaw.subjects`). ``scan_values``: check every
+    feature value for ±inf and ``FEATURE_LIMIT`` now (else each window is checked as it is read).
     """
     root = Path(root)
     if not (root / LABEL_DIR).is_dir():
@@ -537,7 +640,7 @@ def load_dataset(
     dims = feature_dims(root, modalities, expected_dims)
     if not dims:
         problems.append(Problem(root / "features", "no feature folders (features/<modality>/<video>.npy)"))
-    alignments, feature_problems = attach_features(root, videos, dims)
+    alignments, feature_problems = attach_features(root, videos, dims, scan_values=scan_values)
     problems += test_problems + subject_problems + feature_problems
     dataset = Dataset(root, videos, {m: d for m, d in dims.items() if d is not None}, sample, alignments, rule.name)
     return dataset, problems

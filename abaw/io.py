@@ -5,6 +5,7 @@ disk before the rename and the rename itself on disk after it, hence the two fsy
 """
 from __future__ import annotations
 
+import codecs
 import errno
 import json
 import os
@@ -66,9 +67,39 @@ def _umask() -> int:
     return mask
 
 
+class TextDecodeError(ValueError):
+    """A text input that cannot be decoded, with the (1-based) line where decoding fails."""
+
+    def __init__(self, path: str | Path, line: int, reason: str):
+        self.path, self.line, self.reason = Path(path), line, reason
+        super().__init__(f"{path}:{line}: {reason}")
+
+
+# UTF-16 is read only with its byte-order mark, which makes it unambiguous (FF FE / FE FF can never
+# start UTF-8 text) and is what Windows tools write (PowerShell 5's `>`, Excel's "Unicode text").
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def _decode(path: str | Path, raw: bytes) -> str:
+    codec, name = ("utf-16", "UTF-16") if raw[:2] in _UTF16_BOMS else ("utf-8-sig", "UTF-8")
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].decode(codec, errors="replace").count("\n") + 1
+        raise TextDecodeError(path, line, f"not {name} text ({exc.reason} at byte {exc.start}); save it as "
+                                          f"UTF-8 (plain ASCII is UTF-8)") from None
+    if "\0" in text:  # valid UTF-8, yet no text file holds NULs: UTF-16 without its mark, or binary
+        line = text[:text.index("\0")].count("\n") + 1
+        raise TextDecodeError(path, line, "NUL character: UTF-16 without a byte-order mark, or not a text file; "
+                                          "save it as UTF-8")
+    return text
+
+
 def text_lines(path: str | Path) -> list[str]:
-    """A text file's lines without CRLF endings or a BOM; trailing blank lines dropped (both are valid input)."""
-    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    """A text file's lines without CRLF endings or a BOM; trailing blank lines dropped (both are valid input).
+
+    UTF-8 (with or without a BOM), or UTF-16 with its BOM; anything else raises :class:`TextDecodeError`."""
+    lines = _decode(path, Path(path).read_bytes()).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     return lines

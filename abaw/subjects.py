@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import text_lines
+from .io import TextDecodeError, text_lines
 
 DEFAULT_RULE = "default: _left/_right and numbered parts joined"
 SUBJECT_FILE_HEADER = ["video", "subject"]
@@ -94,7 +94,10 @@ def read_subject_file(path: str | Path) -> tuple[SubjectRule, list[SubjectProble
     path = Path(path)
     if not path.is_file():
         return SubjectRule(source=path), [SubjectProblem("subject file not found")]
-    lines = text_lines(path)
+    try:
+        lines = text_lines(path)
+    except TextDecodeError as exc:
+        return SubjectRule(source=path), [SubjectProblem(exc.reason, line=exc.line)]
     if len(lines) < 2:
         return SubjectRule(source=path), [SubjectProblem("no rows: expected the header video,subject and one "
                                                          "row per video")]

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..console import console
 from ..data import CROPS_DIR, SPLIT_DIRS
-from ..io import atomic_torch_save, atomic_write_text, text_lines
+from ..io import TextDecodeError, atomic_torch_save, atomic_write_text, text_lines
 from .common import (Images, Normalise, PretrainError, batch_loader, check_resume, create_encoder, data_config,
                      epoch_batches, load_init, progress, random_flip, restore_rng, rng_state, save_encoder,
                      warmup_cosine)
@@ -44,7 +44,10 @@ NO_EXPR = -1
 def parse_expr_file(path: str | Path) -> np.ndarray:
     """One expression file -> (n_frames,) int labels, -1 where there is none; errors name file:line."""
     path = Path(path)
-    lines = text_lines(path)
+    try:
+        lines = text_lines(path)
+    except TextDecodeError as exc:
+        raise PretrainError(str(exc)) from None
     if not lines:
         raise PretrainError(f"{path}:1: empty file, expected the header {','.join(EXPR_CLASSES)}")
     header = [c.strip().lower() for c in lines[0].split(",")]
