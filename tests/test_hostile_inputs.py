@@ -139,9 +139,11 @@ def test_check_cli_scans_feature_values(tiny_root):
     assert f"{path} (row 7): infinite feature value inf in column 2" in result.stdout
 
 
-def test_a_run_stops_with_an_error_naming_the_file_not_a_traceback(tiny_root, tmp_path, capsys):
+def test_a_run_stops_with_an_error_naming_the_file_not_a_traceback(tiny_root, tmp_path, capsys, monkeypatch):
     """No --check, so no scan: the first window holding the value stops the run before a model sees it."""
     from abaw.cli import run_cv_main
+
+    monkeypatch.chdir(tmp_path)  # the fold table goes to ./folds: never into the repository
 
     path = _corrupt(tiny_root, 1e30, video="b_left")
     code = run_cv_main(["--data-root", str(tiny_root), "--arch", "context_ridge", "--folds", "2",
