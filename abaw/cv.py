@@ -303,8 +303,10 @@ def _run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path, train) -
     console.print(f"run {out}: {len(config.arch)} arch x {len(ids)} folds ({folds_file}); "
                   f"{done} already complete, {len(tasks)} to train")
     if tasks:
-        train(config, dataset, folds, out, tasks)
-        console.print()
+        try:
+            train(config, dataset, folds, out, tasks)
+        finally:
+            console.print()  # the live bars end mid-line: a summary or an error line goes below them
     summary = summarise(run_config, dataset, out, ids)
     console.print(table(summary.to_dict("records"), title=f"Summary ({out / 'summary.csv'})"))
     failed = summary[summary["status"] != "completed"]

@@ -33,6 +33,7 @@ from abaw import demo
 
 REPO = Path(__file__).resolve().parents[1]
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")  # abaw.io.atomic_path's temporary files
+_STAGING = re.compile(r"/\.([^/]+)\.staging-[0-9a-f]+/")  # abaw.submission.writer's staging folders
 
 
 class FullDisk:
@@ -66,6 +67,7 @@ class FullDisk:
             return False
         match = _TEMPORARY.match(Path(file).name)
         target = (Path(file).parent / match["name"]).as_posix() if match else ""
+        target = _STAGING.sub(r"/\1/", target)  # a submission's files are written in its staging folder
         for suffix, after in self.targets.items():
             if match and target.endswith(suffix):
                 self.targets[suffix] = max(0, after - 1)
