@@ -191,5 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {escape(explain_os_error(exc))}")
         return 1
     except KeyboardInterrupt as exc:  # the staging folder is gone: no partial submission anywhere
-        kept = f"kept the finished {', '.join(map(str, written))}" if written else "nothing was written"
-        return interrupted(exc, f"{kept}; rerun the same command for the complete output")
+        if written:  # rerunning would meet the finished submission folder: say what is there instead
+            return interrupted(exc, f"{', '.join(map(str, written))} finished and kept whole; nothing else written")
+        return interrupted(exc, "nothing was written; rerun the same command for the complete output")
