@@ -126,6 +126,22 @@ def run_cv_main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}")
         return 2
+    from .console import interrupted, sigterm_raises
+    from .io import explain_os_error
+
+    try:
+        with sigterm_raises():
+            return _run(args, config, cluster)
+    except OSError as exc:  # a full disk, a folder we may not write: one line, no traceback
+        print(f"error: {explain_os_error(exc)}")
+        return 2
+    except KeyboardInterrupt as exc:  # every file is written atomically: the finished work is whole
+        kept = "finished trials are kept in the study" if args.tune else f"finished folds are kept in {config.out}"
+        return interrupted(exc, f"{kept}; rerun the same command to continue")
+
+
+def _run(args: argparse.Namespace, config: RunConfig, cluster) -> int:
+    """Check the dataset, then cross-validate (or tune); the known failures become one ``error:`` line."""
     root = _data_root(config)
     from .checks import check_dataset
 
@@ -137,7 +153,7 @@ def run_cv_main(argv: list[str] | None = None) -> int:
     if args.check:
         return 0
     from .cluster import ClusterError
-    from .cv import RunConflict, run_cv
+    from .cv import RunConflict, RunFolderError, run_cv
     from .data import DataError
     from .folds import FoldError
 
@@ -145,7 +161,8 @@ def run_cv_main(argv: list[str] | None = None) -> int:
         if args.tune:
             return _tune(args, config, dataset, cluster)
         return run_cv(config, dataset, cluster=cluster)
-    # DataError: a corrupt feature value met in a window as it is read (data.VideoRecord.features)
-    except (RunConflict, FoldError, ClusterError, DataError, ValueError, OSError) as exc:
+    # DataError: a corrupt feature value met in a window as it is read (data.VideoRecord.features);
+    # OSError (a full disk, an unwritable folder) is explained by run_cv_main
+    except (RunConflict, RunFolderError, FoldError, ClusterError, DataError, ValueError) as exc:
         print(f"error: {exc}")
         return 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -49,11 +50,30 @@ class RunConflict(RuntimeError):
     pass
 
 
+class RunFolderError(RuntimeError):
+    """The run folder cannot be written (permissions, a read-only or full disk), found before any training."""
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write (then remove) a probe file in it: a folder we may not write fails now, in
+    a second, instead of after a fold's training, when its first checkpoint is saved."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise RunFolderError(f"the run folder {out} is not writable ({reason}): nothing was trained; "
+                             f"make it writable, free space, or choose another --out") from exc
+
+
 def prepare_run_dir(config: RunConfig) -> RunConfig:
     """Create the run folder, or resume one made with the same settings; never clobber another run.
 
     Returns the run's config: ``config`` with the architectures already in the run added."""
     out = Path(config.out)
+    check_writable(out)
     path = out / "config.yaml"
     new = asdict(config)
     if path.exists():
@@ -283,8 +303,10 @@ def _run_cv(config: RunConfig, dataset: Dataset, folds_dir: str | Path, train) -
     console.print(f"run {out}: {len(config.arch)} arch x {len(ids)} folds ({folds_file}); "
                   f"{done} already complete, {len(tasks)} to train")
     if tasks:
-        train(config, dataset, folds, out, tasks)
-        console.print()
+        try:
+            train(config, dataset, folds, out, tasks)
+        finally:
+            console.print()  # the live bars end mid-line: a summary or an error line goes below them
     summary = summarise(run_config, dataset, out, ids)
     console.print(table(summary.to_dict("records"), title=f"Summary ({out / 'summary.csv'})"))
     failed = summary[summary["status"] != "completed"]

@@ -21,7 +21,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is synced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
@@ -29,9 +32,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fsync_file(tmp)  # else a crash after the rename may publish a name with no data behind it
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path`` where it names no file or our temporary one (a full disk's write names
+    none): the user knows the file they asked for, never its hidden temporary name. Another file's
+    error (one read inside the ``with``) keeps its own name."""
+    name = exc.filename
+    if name is not None and not (Path(name).name.startswith(f".{path.name}.") and str(name).endswith(".tmp")):
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))  # OSError picks the subclass from errno
 
 
 def fsync_file(path: str | Path) -> None:
@@ -117,8 +132,27 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file: torch.save on a path reports a full disk as a RuntimeError
+    # ("unexpected pos"), through a file as the OSError (ENOSPC) it is.
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+
+
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def explain_os_error(exc: OSError) -> str:
+    """The one line a command prints for a failed file operation (after ``error:``), naming the path.
+
+    A full disk gets what happened and what to do: every writer here is atomic, so the file being
+    written is absent or its previous version, and finished work (folds, videos, submissions) stays."""
+    what = (exc.strerror or str(exc)).rstrip(".")
+    what = what[:1].lower() + what[1:]
+    where = exc.filename if exc.filename is not None else "a file"
+    if exc.errno in _OUT_OF_SPACE:
+        return (f"{what} while writing {where}; nothing finished was lost: free space and rerun the "
+                f"same command")
+    return f"{what}: {where}" if exc.filename is not None else what
 
 
 _URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@")

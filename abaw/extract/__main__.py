@@ -94,17 +94,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from rich.markup import escape
 
-    from ..console import console
+    from ..console import console, interrupted, sigterm_raises
     from ..data import DataError
+    from ..io import explain_os_error
     from .frames import ExtractError, FeatureWriter, check_modality, print_report
 
     args = parser().parse_args(argv)
+    writer = FeatureWriter(args.data_root, args.name, args.dtype)
     try:
-        report = _run(args)
+        with sigterm_raises():
+            report = _run(args)
     except (ExtractError, DataError, FileNotFoundError, ValueError) as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return 1
-    writer = FeatureWriter(args.data_root, args.name, args.dtype)
+    except OSError as exc:  # a full disk: the video being written is absent, the finished ones stay
+        console.print(f"[bold red]error:[/] {escape(explain_os_error(exc))}")
+        return 1
+    except KeyboardInterrupt as exc:  # each video is written atomically: the finished ones are whole
+        return interrupted(exc, f"the videos already written are kept in {writer.folder}; rerun the same "
+                                f"command to extract the rest")
     print_report(report, writer)
     return 0 if check_modality(writer.root, args.name, args.test_list, args.test_sample) else 1
 

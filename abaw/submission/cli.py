@@ -130,7 +130,8 @@ def submit(inputs: Inputs, merge: str, fold_merge: str | None, out: Path, *, pos
                             overwrite=overwrite, report_rows=report_rows)
 
 
-def _make(args: argparse.Namespace, report: bool, write: bool) -> int:
+def _make(args: argparse.Namespace, report: bool, write: bool, written: list[Path]) -> int:
+    """Report and/or write the submission; each finished output joins ``written`` (for an interruption's message)."""
     from ..console import console
 
     if args.post not in ("auto", "none"):
@@ -148,6 +149,7 @@ def _make(args: argparse.Namespace, report: bool, write: bool) -> int:
     if write:
         submission = submit(inputs, args.merge, args.fold_merge, out, post=args.post, per_video=args.per_video,
                             overwrite=args.overwrite, report_rows=rows)
+        written.append(submission.folder)
     if rows is not None:
         print_report(rows, title=f"Honest ensemble report: {', '.join(run_paths)}")
         if submission:
@@ -155,6 +157,7 @@ def _make(args: argparse.Namespace, report: bool, write: bool) -> int:
         if args.report_csv or not submission:
             csv_path = Path(args.report_csv or Path(run_paths[0]) / "ensemble_report.csv")
             atomic_write_text(csv_path, report_csv(rows))
+            written.append(csv_path)
             console.print(f"report: {csv_path}")
     if submission:
         print_choices(submission.manifest)
@@ -166,7 +169,8 @@ def _make(args: argparse.Namespace, report: bool, write: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from rich.markup import escape
 
-    from ..console import console
+    from ..console import console, interrupted, sigterm_raises
+    from ..io import explain_os_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
@@ -174,9 +178,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.sample:
             parser().error("--check needs --sample SAMPLE (the official test sample file)")
         return run_check(args.check, args.sample)
+    written: list[Path] = []
     try:
-        # No arguments: the demo walk-through, report and submission. --report alone: the report only.
-        return _make(args, report=args.report or not argv, write=args.out is not None or not args.report)
+        with sigterm_raises():
+            # No arguments: the demo walk-through, report and submission. --report alone: the report only.
+            return _make(args, report=args.report or not argv, write=args.out is not None or not args.report,
+                         written=written)
     except (RunError, DataError, SubmissionExists, ValueError) as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return 1
+    except OSError as exc:  # a full disk, a folder we may not write: the submission folder appears whole or not at all
+        console.print(f"[bold red]error:[/] {escape(explain_os_error(exc))}")
+        return 1
+    except KeyboardInterrupt as exc:  # the staging folder is gone: no partial submission anywhere
+        if written:  # rerunning would meet the finished submission folder: say what is there instead
+            return interrupted(exc, f"{', '.join(map(str, written))} finished and kept whole; nothing else written")
+        return interrupted(exc, "nothing was written; rerun the same command for the complete output")

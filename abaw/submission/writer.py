@@ -125,6 +125,13 @@ def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
         fsync_dir(out_dir.parent)
 
 
+def _in_target(exc: OSError, staging: Path, out_dir: Path) -> OSError:
+    """``exc`` with a file of the (removed) staging folder named by its place in ``out_dir``."""
+    if exc.filename is None or not Path(exc.filename).is_relative_to(staging):
+        return exc
+    return OSError(exc.errno, exc.strerror, str(out_dir / Path(exc.filename).relative_to(staging)))
+
+
 def _write_per_video(folder: Path, predictions: Mapping[str, np.ndarray], n_frames: Mapping[str, int],
                      videos: Sequence[str]) -> int:
     """The older format: ``<video>.txt`` with one line per frame 1..n; returns the carried-frame count."""
@@ -185,6 +192,9 @@ def write_submission(predictions: Mapping[str, np.ndarray], sample: SampleFile, 
         if report_rows:
             atomic_write_text(staging / "report.csv", report_csv(report_rows))
         _publish(staging, out_dir, overwrite)
+    except OSError as exc:  # a full disk: name the file as the user will look for it, not its staging copy
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _in_target(exc, staging, out_dir) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
