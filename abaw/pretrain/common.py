@@ -158,6 +158,23 @@ def restore_rng(saved: dict, device) -> None:
         torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
 
 
+def read_resume_point(out: Path, device, stage: str) -> dict | None:
+    """``OUT/last.pt``, or None when there is none or it cannot be loaded safely (truncated, corrupt, or
+    needing more than tensors and plain values): then it is deleted and the stage starts over, saying so."""
+    from ..checkpoint import CheckpointError, describe, load_checkpoint
+    from ..console import console
+
+    path = out / "last.pt"
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path, device)
+    except CheckpointError as exc:
+        path.unlink()
+        console.print(f"{stage}: {path} is {describe(exc)}: starting again from the beginning", markup=False)
+        return None
+
+
 def check_resume(saved: dict, settings: dict, out: Path) -> None:
     """A rerun must ask for the run it resumes: the settings that shape it are compared."""
     differ = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
