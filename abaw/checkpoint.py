@@ -14,6 +14,8 @@ from typing import Any
 
 # torch's marker of a pickle that asked for something weights_only does not allow
 WEIGHTS_ONLY_FAILED = "Weights only load failed"
+# ... unless what it met is no pickle instruction at all: garbage bytes, not an object it refused
+NOT_A_PICKLE = "Unsupported operand"
 RESAVE_ADVICE = ("re-save its state dict alone as tensors (torch.save(checkpoint['model'], 'weights.pth')) or "
                  "as .safetensors, from a copy you trust")
 
@@ -50,7 +52,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", allow: Iterable
     except OSError:  # missing, a folder, no permission: not the file's content, so not ours to judge
         raise
     except pickle.UnpicklingError as exc:
-        if WEIGHTS_ONLY_FAILED not in str(exc):
+        if WEIGHTS_ONLY_FAILED not in str(exc) or NOT_A_PICKLE in str(exc):
             raise _unreadable(path, exc) from exc
         reason = short_reason(exc)
         raise UnsafeCheckpoint(
@@ -93,4 +95,4 @@ def short_reason(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     named = [line for line in lines if "unsupported" in line.lower() and "file an issue" not in line]
     reason = (named or lines or [type(exc).__name__])[0]
-    return reason.split(". Please use")[0].split(". This is an internal")[0]
+    return reason.split(". Please use")[0].split(". This is an internal")[0].rstrip(".")
