@@ -3,6 +3,10 @@
 A fold folder holds ``model.pt`` (best epoch), ``history.csv``, ``last.pt`` (resume checkpoint,
 deleted once the fold completes) and ``metrics.json``, written last: its presence marks the fold
 complete. Every file is written atomically, so a kill at any point loses at most the epoch in flight.
+They hold tensors and plain values only and are read with ``torch.load(weights_only=True)``
+(:mod:`abaw.checkpoint`): a last.pt that is truncated, corrupt or would need more (and so could run
+code) is deleted with model.pt and history.csv and the fold starts over; such a model.pt is rewritten
+from last.pt when it holds the best epoch. Either is said as a ``warning`` progress event.
 
 A classical architecture (``abaw.models.is_classical``: ``fit``/``predict``, e.g. ``context_ridge``)
 is fitted once on the fold's training videos instead (nothing early-stops, so a stop split goes back

@@ -4,6 +4,8 @@ Both stages write ``OUT/last.pt`` (the resume point: weights, optimizer, schedul
 streams, the stage's counters) atomically, so a kill loses at most the work since the last save, and
 ``OUT/encoder.pth``: the encoder's ``state_dict`` under timm's own key names, which
 ``python -m abaw.extract visual --backbone <same> --weights OUT/encoder.pth`` loads with no key left over.
+last.pt is read back with ``torch.load(weights_only=True)``; a truncated, corrupt or unsafe one is
+deleted and the stage starts over, saying so.
 """
 from __future__ import annotations
 
