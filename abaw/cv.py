@@ -167,6 +167,9 @@ class CVProgress:
         elif kind == "failed":
             self.bars.update(bar, note="[red]failed[/]")
             self.scores[key] = {"status": "failed"}
+        elif kind == "warning":  # e.g. a damaged last.pt: the fold restarted; said on a terminal too
+            self.bars.update(bar, note=f"[yellow]{event['note']}[/]")
+            console.print(f"{key[0]} fold {key[1]}: {event['message']}", markup=False)
         if console.is_terminal:
             self.live.update(self._render())
         elif kind in ("placed", "epoch", "done", "failed", "resumed"):  # logs and CI: one plain line per event

@@ -3,6 +3,10 @@
 A fold folder holds ``model.pt`` (best epoch), ``history.csv``, ``last.pt`` (resume checkpoint,
 deleted once the fold completes) and ``metrics.json``, written last: its presence marks the fold
 complete. Every file is written atomically, so a kill at any point loses at most the epoch in flight.
+They hold tensors and plain values only and are read with ``torch.load(weights_only=True)``
+(:mod:`abaw.checkpoint`): a last.pt that is truncated, corrupt or would need more (and so could run
+code) is deleted with model.pt and history.csv and the fold starts over; such a model.pt is rewritten
+from last.pt when it holds the best epoch. Either is said as a ``warning`` progress event.
 
 A classical architecture (``abaw.models.is_classical``: ``fit``/``predict``, e.g. ``context_ridge``)
 is fitted once on the fold's training videos instead (nothing early-stops, so a stop split goes back
@@ -24,7 +28,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from .checkpoint import CheckpointError, describe, load_checkpoint
 from .config import RunConfig
+from .console import console
 from .data import Dataset, VideoRecord
 from .devices import resolve_device
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -186,9 +192,14 @@ def _rng_state(device: torch.device) -> dict:
 def _restore_rng(saved: dict, device: torch.device) -> None:
     """Restore what applies on ``device``: a GPU stream only on a GPU (a CPU fold never draws from one),
     and none for a checkpoint made on a CPU (the GPU generator keeps its seed)."""
-    torch.set_rng_state(saved["rng"].cpu())  # .cpu(): torch.load's map_location moves it to the GPU
+    torch.set_rng_state(saved["rng"].cpu())  # .cpu(): the load's map_location moves it to the GPU
     if device.type == "cuda" and "cuda_rng" in saved:
         torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+
+
+def _print_warnings(event: dict) -> None:
+    if event["kind"] == "warning":
+        console.print(f"{event['arch']} fold {event['fold']}: {event['message']}", markup=False)
 
 
 class FoldTrainer:
@@ -201,7 +212,7 @@ class FoldTrainer:
         self.out = Path(out_dir)
         self.device = device or resolve_device(config.device)
         self.epoch_callback = epoch_callback
-        self.progress = progress or (lambda event: None)
+        self.progress = progress or _print_warnings  # alone (tuning), the fold still says what it repaired
         fold_of = dict(zip(folds["video"], folds["fold"]))
         labelled = dataset.split("train", "val")
         self.train_videos = [v for v in labelled if fold_of[v.name] not in (fold, -1)]
@@ -265,9 +276,29 @@ class FoldTrainer:
     def _write_history(self, state: dict) -> None:
         atomic_write_text(self.out / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
 
-    def _resume(self, model, optimizer, scheduler) -> dict:
-        """Load last.pt, the fold's commit point, and bring model.pt and history.csv in line with it."""
-        saved = torch.load(self.out / "last.pt", map_location=self.device, weights_only=False)
+    def _read_last(self) -> dict | None:
+        """last.pt, or None when there is none or it cannot be loaded safely: then the fold starts over.
+
+        A truncated or corrupt last.pt cannot be resumed from; one that needs more than tensors and
+        plain values was not written by this toolkit and is never unpickled. Either way the fold's other
+        files belong to the epochs it committed, so they go with it."""
+        path = self.out / "last.pt"
+        if not path.exists():
+            return None
+        try:
+            return load_checkpoint(path, self.device)
+        except CheckpointError as exc:
+            for name in ("last.pt", "model.pt", "history.csv"):
+                (self.out / name).unlink(missing_ok=True)
+            self._warn("restarted", f"{path} is {describe(exc)}: the fold starts again from epoch 0")
+            return None
+
+    def _warn(self, note: str, message: str) -> None:
+        """A fold-level warning: ``note`` for its progress bar, ``message`` for the user."""
+        self._emit(kind="warning", note=note, message=message)
+
+    def _resume(self, saved: dict, model, optimizer, scheduler) -> dict:
+        """Resume from last.pt, the fold's commit point, and bring model.pt and history.csv in line with it."""
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -280,15 +311,28 @@ class FoldTrainer:
     def _repair_best(self, model, state: dict) -> None:
         """Rewrite model.pt from last.pt's weights (``model`` holds them) if a kill fell between the two."""
         path = self.out / "model.pt"
-        saved_epoch = torch.load(path, map_location="cpu", weights_only=False)["epoch"] if path.exists() else None
+        saved_epoch, problem = self._best_epoch_saved(path)
         if saved_epoch == state["best_epoch"]:
             return
         if state["best_epoch"] != state["epoch"]:  # the best weights are in neither file
-            held = f"epoch {saved_epoch}" if saved_epoch is not None else "nothing (missing)"
+            held = (f"epoch {saved_epoch}" if saved_epoch is not None else
+                    f"nothing usable (it is {problem})" if problem else "nothing (missing)")
             raise CheckpointMismatch(
                 f"{self.out}: last.pt resumes after epoch {state['epoch']} with epoch {state['best_epoch']} as "
                 f"the best, but model.pt holds {held}; delete {self.out} to train this fold again")
+        if problem:  # a kill between the two writes needs no word; a damaged file does
+            self._warn("repaired", f"{path} is {problem}: rewritten from last.pt (epoch {state['epoch']})")
         self._save_best(model, state["epoch"])
+
+    @staticmethod
+    def _best_epoch_saved(path: Path) -> tuple[int | None, str]:
+        """The epoch model.pt holds (None when missing or unusable) and what is wrong with it ("" if nothing)."""
+        if not path.exists():
+            return None, ""
+        try:
+            return load_checkpoint(path)["epoch"], ""
+        except CheckpointError as exc:  # like a missing model.pt: last.pt may hold the weights to rewrite it
+            return None, describe(exc)
 
     def _train(self) -> FoldResult:
         """Fit the fold's model and write its predictions: epochs for a neural arch, one fit for a classical one."""
@@ -319,8 +363,9 @@ class FoldTrainer:
             optimizer, warmup_cosine(cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch))
         state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
 
-        if (self.out / "last.pt").exists():  # resume an interrupted fold from its last finished epoch
-            state = self._resume(model, optimizer, scheduler)
+        saved = self._read_last()
+        if saved is not None:  # resume an interrupted fold from its last finished epoch
+            state = self._resume(saved, model, optimizer, scheduler)
             self._emit(kind="resumed", epoch=state["epoch"])
         else:  # a fresh start (or a retry after a failure): an earlier attempt's best model is not ours
             (self.out / "model.pt").unlink(missing_ok=True)
@@ -355,13 +400,14 @@ class FoldTrainer:
                 raise TrainingDiverged(f"{self.arch} fold {self.fold}: validation CCC is {val['mean']} after "
                                        f"epoch {epoch + 1} (non-finite predictions)")
             state["epoch"] = epoch + 1
+            # plain floats: last.pt loads with weights_only=True, which refuses numpy scalars
             state["history"].append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                                     "val_ccc_v": val["valence"], "val_ccc_a": val["arousal"],
-                                     "val_ccc": val["mean"], "lr": scheduler.get_last_lr()[0],
+                                     "val_ccc_v": float(val["valence"]), "val_ccc_a": float(val["arousal"]),
+                                     "val_ccc": float(val["mean"]), "lr": float(scheduler.get_last_lr()[0]),
                                      "seconds": round(time.time() - tic, 2)})
             improved = val["mean"] > state["best"]
             if improved:
-                state.update(best=val["mean"], best_epoch=epoch + 1, bad_epochs=0)
+                state.update(best=float(val["mean"]), best_epoch=epoch + 1, bad_epochs=0)
             else:
                 state["bad_epochs"] += 1
             # last.pt first: it commits the epoch. It holds this epoch's weights, so a kill before
@@ -378,7 +424,7 @@ class FoldTrainer:
 
     def _predict_with_best(self, model, state) -> FoldResult:
         cfg = self.config
-        best = torch.load(self.out / "model.pt", map_location=self.device, weights_only=False)
+        best = load_checkpoint(self.out / "model.pt", self.device)
         model.load_state_dict(best["state_dict"])
         val = self._write_predictions(lambda videos: evaluate(model, videos, cfg, self.device))
         stop_ccc = state["best"] if cfg.stop_split > 0 else val["mean"]

@@ -130,7 +130,7 @@ def outputs(run: Path) -> dict:
 def assert_best_is_what_metrics_name(ctx, run: Path) -> int:
     """model.pt holds the weights of metrics.json's best epoch; returns that epoch."""
     best_epoch = json.loads((fold_dir(run) / "metrics.json").read_text())["best_epoch"]
-    best = torch.load(fold_dir(run) / "model.pt", weights_only=False)
+    best = torch.load(fold_dir(run) / "model.pt", weights_only=True)  # what the trainer writes loads safely
     assert best["epoch"] == best_epoch
     expected = ctx.weights[best_epoch]
     assert all(torch.equal(best["state_dict"][k], expected[k]) for k in expected)
@@ -207,7 +207,7 @@ def test_a_gpu_fold_checkpoints_the_random_stream_of_its_own_gpu(clean, tmp_path
     trainer = train.FoldTrainer(clean.config, "tcn", 0, clean.dataset, clean.folds, tmp_path,
                                 device=torch.device("cuda", 1))
     trainer._save_checkpoint(*tiny_optimisation(), {"epoch": 1})
-    saved = torch.load(tmp_path / "last.pt", weights_only=False)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)  # what the trainer writes loads safely
     assert calls == [("get", torch.device("cuda", 1))] and saved["cuda_rng"].tolist() == [7, 7]
     assert torch.equal(saved["rng"], torch.get_rng_state())
 

@@ -121,35 +121,18 @@ def create_backbone(backbone: str):
 def read_checkpoint(path: Path) -> dict:
     """The tensors of a checkpoint file, unwrapped from ``state_dict``/``model``/``module`` nesting.
 
-    ``.safetensors`` through safetensors; anything else (``.pth``, ``.pt``, ``.bin``) with
-    ``torch.load(weights_only=True)``, which cannot run code. ``argparse.Namespace`` is allowed in
-    it: training scripts (MAE's among them) save their arguments next to the weights.
+    Read by :func:`abaw.checkpoint.load_checkpoint`: ``.safetensors`` through safetensors, anything
+    else (``.pth``, ``.pt``, ``.bin``) with ``torch.load(weights_only=True)``, which cannot run code.
+    ``argparse.Namespace`` is allowed in it: training scripts (MAE's among them) save their arguments
+    next to the weights.
     """
-    import torch
+    from ..checkpoint import CheckpointError, load_checkpoint
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            content = load_file(str(path), device="cpu")
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message naming it
-            raise ExtractError(f"{path}: cannot read the safetensors checkpoint: {exc}") from exc
-    else:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                content = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a pickle error, a truncated file, a foreign format
-            raise ExtractError(f"{path}: cannot load the checkpoint with torch.load(weights_only=True): "
-                               f"{_short_reason(exc)}. If it holds more than tensors, save its state_dict alone "
-                               f"(torch.save(checkpoint['model'], 'weights.pth'), from a source you trust)") from exc
+    try:
+        content = load_checkpoint(path, "cpu", allow=[argparse.Namespace])
+    except CheckpointError as exc:
+        raise ExtractError(str(exc)) from exc
     return _unwrap_state_dict(content, path)
-
-
-def _short_reason(exc: Exception) -> str:
-    """torch's weights_only error is a page of advice; the line naming the refused object is what matters."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    named = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler error" in line]
-    return (named or lines or [type(exc).__name__])[0]
 
 
 def _unwrap_state_dict(content, path: Path) -> dict:

@@ -4,6 +4,8 @@ Both stages write ``OUT/last.pt`` (the resume point: weights, optimizer, schedul
 streams, the stage's counters) atomically, so a kill loses at most the work since the last save, and
 ``OUT/encoder.pth``: the encoder's ``state_dict`` under timm's own key names, which
 ``python -m abaw.extract visual --backbone <same> --weights OUT/encoder.pth`` loads with no key left over.
+last.pt is read back with ``torch.load(weights_only=True)``; a truncated, corrupt or unsafe one is
+deleted and the stage starts over, saying so.
 """
 from __future__ import annotations
 
@@ -156,6 +158,23 @@ def restore_rng(saved: dict, device) -> None:
     torch.set_rng_state(saved["rng"].cpu())
     if device.type == "cuda" and "cuda_rng" in saved:
         torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+
+
+def read_resume_point(out: Path, device, stage: str) -> dict | None:
+    """``OUT/last.pt``, or None when there is none or it cannot be loaded safely (truncated, corrupt, or
+    needing more than tensors and plain values): then it is deleted and the stage starts over, saying so."""
+    from ..checkpoint import CheckpointError, describe, load_checkpoint
+    from ..console import console
+
+    path = out / "last.pt"
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path, device)
+    except CheckpointError as exc:
+        path.unlink()
+        console.print(f"{stage}: {path} is {describe(exc)}: starting again from the beginning", markup=False)
+        return None
 
 
 def check_resume(saved: dict, settings: dict, out: Path) -> None:

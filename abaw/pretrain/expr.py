@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import load_checkpoint
 from ..console import console
 from ..data import CROPS_DIR, SPLIT_DIRS
 from ..io import TextDecodeError, atomic_torch_save, atomic_write_text, text_lines
 from .common import (Images, Normalise, PretrainError, batch_loader, check_resume, create_encoder, data_config,
-                     epoch_batches, load_init, progress, random_flip, restore_rng, rng_state, save_encoder,
-                     warmup_cosine)
+                     epoch_batches, load_init, progress, random_flip, read_resume_point, restore_rng, rng_state,
+                     save_encoder, warmup_cosine)
 
 EXPR_DIR = "EXPR_Recognition_Challenge"
 EXPR_CLASSES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
@@ -197,7 +198,8 @@ def finetune_expr(options: ExprOptions) -> ExprResult:
     settings = {"backbone": o.backbone, "train_frames": len(train_paths), "val_frames": len(val_paths),
                 "batch_size": o.batch_size, "epochs": o.epochs, "lr": lr, "layer_decay": o.layer_decay,
                 "seed": o.seed}
-    resume = (out / "last.pt").exists()
+    saved = read_resume_point(out, device, "expr")
+    resume = saved is not None
     if o.init and not resume:
         load_init(encoder, o.init, o.backbone)
     head = torch.nn.Linear(encoder.num_features, len(EXPR_CLASSES))
@@ -217,7 +219,6 @@ def finetune_expr(options: ExprOptions) -> ExprResult:
 
     epoch, history, best_epoch, best_f1 = 0, [], 0, -1.0
     if resume:
-        saved = torch.load(out / "last.pt", map_location=device, weights_only=False)
         check_resume(saved["settings"], settings, out)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -271,7 +272,7 @@ def finetune_expr(options: ExprOptions) -> ExprResult:
                 for h in history))
             console.print(f"expr: epoch {epoch}/{o.epochs} loss {np.mean(losses):.4f} validation macro-F1 {f1:.4f}"
                           f" (best {best_f1:.4f}, epoch {best_epoch}; constant {constant:.4f})", markup=False)
-    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    best = load_checkpoint(out / "best.pt", "cpu")
     encoder_cpu = create_encoder(o.backbone)
     encoder_cpu.load_state_dict(best["encoder"])
     save_encoder(out / "encoder.pth", encoder_cpu)

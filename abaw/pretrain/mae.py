@@ -37,8 +37,8 @@ import numpy as np
 from ..console import console
 from ..io import atomic_path, atomic_torch_save, atomic_write_text
 from .common import (Images, Normalise, PretrainError, batch_loader, check_resume, create_encoder, data_config,
-                     epoch_batches, find_images, load_init, progress, random_flip, restore_rng, rng_state,
-                     save_encoder, warmup_cosine)
+                     epoch_batches, find_images, load_init, progress, random_flip, read_resume_point, restore_rng,
+                     rng_state, save_encoder, warmup_cosine)
 
 # The paper's decoder for ViT-B/L/H (Table 1 and its appendix A.1).
 DECODER_DEPTH, DECODER_WIDTH, DECODER_HEADS = 8, 512, 16
@@ -251,7 +251,8 @@ def train_mae(options: MAEOptions) -> MAEResult:
     settings = {"backbone": o.backbone, "images": len(paths), "batch_size": o.batch_size, "total_steps": total,
                 "lr": lr, "warmup_steps": warmup, "mask_ratio": o.mask_ratio, "seed": o.seed}
 
-    resume = (out / "last.pt").exists()
+    saved = read_resume_point(out, device, "mae")
+    resume = saved is not None
     if o.init and not resume:
         load_init(encoder, o.init, o.backbone)
     model = build_mae(encoder, o.mask_ratio).to(device)
@@ -259,7 +260,6 @@ def train_mae(options: MAEOptions) -> MAEResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
     step, history = 0, []
     if resume:
-        saved = torch.load(out / "last.pt", map_location=device, weights_only=False)
         check_resume(saved["settings"], settings, out)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
