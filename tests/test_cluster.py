@@ -76,7 +76,7 @@ def run_files(folder: Path) -> dict[str, object]:
         elif path.name == "history.csv":
             files[name] = pd.read_csv(path).drop(columns=[WALL_CLOCK]).to_csv(index=False)
         elif path.suffix == ".pt":
-            saved = torch.load(path, weights_only=False)
+            saved = torch.load(path, weights_only=True)
             files[name] = {**saved, "state_dict": {k: v.numpy().tobytes() for k, v in saved["state_dict"].items()}}
         else:
             files[name] = path.read_bytes()

@@ -224,7 +224,7 @@ def test_a_presence_run_gives_the_model_one_more_channel_it_uses(small_root, tmp
     config = RunConfig(arch=["linear"], folds=2, epochs=1, window=200, hop=200, presence=True,
                        out=str(tmp_path / "run"))
     assert run_cv(config, dataset, folds_dir=tmp_path / "folds") == 0
-    saved = torch.load(tmp_path / "run" / "linear" / "fold0" / "model.pt", weights_only=False)
+    saved = torch.load(tmp_path / "run" / "linear" / "fold0" / "model.pt", weights_only=True)
     assert saved["model_config"]["input_dim"] == dataset.modalities["visual"] + 1
     assert saved["run_config"]["presence"] is True
     assert saved["state_dict"]["head.weight"].shape == (2, dataset.modalities["visual"] + 1)

@@ -174,7 +174,7 @@ def test_a_full_disk_mid_fold_keeps_the_finished_folds(small_root, tmp_path, mon
     assert leftovers(run) == []
     assert not (run / "linear" / "fold1" / "metrics.json").exists()  # never taken for a finished fold
     if target.endswith("last.pt"):  # the previous checkpoint, whole: the rerun resumes from it
-        assert torch.load(run / target, weights_only=False)["state"]["epoch"] == 1
+        assert torch.load(run / target, weights_only=True)["state"]["epoch"] == 1
     else:
         assert not (run / target).exists()
     fold0 = digests(run / "linear" / "fold0")
