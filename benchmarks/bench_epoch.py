@@ -4,10 +4,10 @@
     python benchmarks/bench_epoch.py --ref c2df995        # and the same epoch on another git ref, in one run
     python benchmarks/bench_epoch.py --steps 60           # time 60 batches, extrapolate to the epoch
 
-The dataset (generated once into --cache): 445 labelled videos (train + validation, as the real
-release has, so that fold 0 of a 5-fold split trains on ~356 videos) of 1,000-8,000 frames, about
-1.35 M labelled training frames in fold 0, one small 2-d visual feature per frame (as a new user's
-first try with a cheap feature), no-face stretches and -5 label stretches like the demo's.
+The dataset (generated once into --cache): 445 labelled videos of 1,000-8,000 frames (mean about
+4,200), so that fold 0 of the default 5-fold split trains on about 356 videos and 1.4 M labelled
+frames, as on Aff-Wild2; one small 2-d visual feature per frame (a new user's first try with a
+cheap feature); no-face stretches and -5 label stretches like the demo's.
 
 For each code version (this checkout, and ``--ref`` checked out into a temporary worktree) a fresh
 process builds fold 0's trainer, then times, per batch: reading the windows (the DataLoader),
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = dict(n_train=356, n_val=89, n_test=2, min_frames=1000, max_frames=8000, mean_extra_frames=3400, seed=3,
+SPEC = dict(n_train=440, n_val=5, n_test=2, min_frames=1000, max_frames=8000, mean_extra_frames=3400, seed=3,
             dims=(("visual", 2),))
 
 # Runs inside the measured process, against whichever abaw is first on sys.path.
