@@ -36,6 +36,19 @@ class UnreadableCheckpoint(CheckpointError):
     """Truncated, corrupt, or not a checkpoint at all."""
 
 
+def numpy_scalars() -> list:
+    """What numpy scalars in an older abaw checkpoint need (its history's float64 values): numpy's scalar
+    constructor and its dtypes. Harmless, and torch's documentation names them as safe to allow."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    kinds = (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)
+    return [scalar, np.dtype, *(type(np.dtype(kind)) for kind in kinds)]
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", allow: Iterable[type] = ()) -> Any:
     """``path``'s content: ``.safetensors`` through safetensors, anything else with
     ``torch.load(weights_only=True)``; ``allow`` names further harmless classes (e.g. argparse.Namespace).

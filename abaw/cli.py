@@ -45,7 +45,7 @@ def run_cv_parser() -> argparse.ArgumentParser:
     tune.add_argument("--tune", action="store_true", help="run an Optuna study instead of a CV run")
     tune.add_argument("--n-trials", type=int, default=20, help="trials in the study, shared by all workers")
     tune.add_argument("--study", default="study", help="study name")
-    tune.add_argument("--storage", default=os.environ.get(STORAGE_ENV),
+    tune.add_argument("--storage", default=os.environ.get(STORAGE_ENV) or None,
                       help="Optuna storage: SQLAlchemy URL (postgresql://...), or a journal file (*.log / "
                            f"journal:PATH); default ${STORAGE_ENV} if set (keeps a password off the command line "
                            "and out of shell history), else SQLite in the study folder")
@@ -156,6 +156,7 @@ def _run(args: argparse.Namespace, config: RunConfig, cluster) -> int:
     from .cv import RunConflict, RunFolderError, run_cv
     from .data import DataError
     from .folds import FoldError
+    from .train import CheckpointMismatch
 
     try:
         if args.tune:
@@ -163,6 +164,6 @@ def _run(args: argparse.Namespace, config: RunConfig, cluster) -> int:
         return run_cv(config, dataset, cluster=cluster)
     # DataError: a corrupt feature value met in a window as it is read (data.VideoRecord.features);
     # OSError (a full disk, an unwritable folder) is explained by run_cv_main
-    except (RunConflict, RunFolderError, FoldError, ClusterError, DataError, ValueError) as exc:
+    except (RunConflict, RunFolderError, FoldError, ClusterError, DataError, CheckpointMismatch, ValueError) as exc:
         print(f"error: {exc}")
         return 2

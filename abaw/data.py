@@ -276,21 +276,30 @@ class VideoRecord:
         array = self._memmap(modality)
         rows = np.clip(np.arange(start, stop, step), 0, len(array) - 1)
         raw = array[rows]
-        if not within_limit(raw):  # every value a model sees passes here: none is ever inf or 1e30
-            raise DataError([bad_value_problem(self.feature_paths[modality], raw, rows)])
-        window = np.asarray(raw, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a float64 beyond float32 is checked (and named) on ``raw``
+            window = np.asarray(raw, dtype=np.float32)
+        values = checkable(raw, window)
+        if not within_limit(values):  # every value a model sees passes here: none is ever inf or 1e30
+            raise DataError([bad_value_problem(self.feature_paths[modality], values, rows)])
         present = ~np.isnan(window).any(axis=1)
         window[~present] = 0.0
         return window, present
 
 
-def within_limit(values: np.ndarray) -> bool:
-    """True if no value is ±inf or beyond ``FEATURE_LIMIT``; NaN (no face) is legal.
+def checkable(raw: np.ndarray, as_float32: np.ndarray | None = None) -> np.ndarray:
+    """The values to check: float64 as stored (1e39 would turn into inf in float32 and be misnamed);
+    anything else as float32, since float16 reductions are slow and 1e6 overflows float16 to inf."""
+    if raw.dtype == np.float64:
+        return raw
+    return as_float32 if as_float32 is not None else np.asarray(raw, dtype=np.float32)
 
-    Two reductions and no temporary array: fmax/fmin skip NaN, where max/min would return it."""
+
+def within_limit(values: np.ndarray) -> bool:
+    """True if no value of ``values`` (float32 or float64) is ±inf or beyond ``FEATURE_LIMIT``; NaN
+    (no face) is legal. Two reductions and no temporary array: fmax/fmin skip NaN, max/min would not."""
     if values.size == 0:
         return True
-    high, low = np.fmax.reduce(values, axis=None), np.fmin.reduce(values, axis=None)
+    high, low = float(np.fmax.reduce(values, axis=None)), float(np.fmin.reduce(values, axis=None))
     return bool(np.isnan(high) or (high <= FEATURE_LIMIT and low >= -FEATURE_LIMIT))
 
 
@@ -313,9 +322,9 @@ def scan_feature_values(path: Path) -> list[Problem]:
     array = np.load(path, mmap_mode="r")
     step = max(1, SCAN_BLOCK_BYTES // max(1, array.shape[1] * array.itemsize))
     for start in range(0, len(array), step):
-        block = array[start:start + step]
+        block = checkable(np.asarray(array[start:start + step]))
         if not within_limit(block):
-            return [bad_value_problem(path, np.asarray(block), np.arange(start, start + len(block)))]
+            return [bad_value_problem(path, block, np.arange(start, start + len(block)))]
     return []
 
 

@@ -155,7 +155,8 @@ def explain_os_error(exc: OSError) -> str:
     return f"{what}: {where}" if exc.filename is not None else what
 
 
-_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@")
+# The password runs to the first "@", as SQLAlchemy reads it: it may hold "/", "?" or "#".
+_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):[^@]*@")
 
 
 def redact_url(url: str | None) -> str | None:

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, describe, load_checkpoint
+from .checkpoint import CheckpointError, describe, load_checkpoint, numpy_scalars
 from .config import RunConfig
 from .console import console
 from .data import Dataset, VideoRecord
@@ -285,8 +285,8 @@ class FoldTrainer:
         path = self.out / "last.pt"
         if not path.exists():
             return None
-        try:
-            return load_checkpoint(path, self.device)
+        try:  # numpy scalars: an earlier abaw's history held them; resuming its run stays possible
+            return load_checkpoint(path, self.device, allow=numpy_scalars())
         except CheckpointError as exc:
             for name in ("last.pt", "model.pt", "history.csv"):
                 (self.out / name).unlink(missing_ok=True)

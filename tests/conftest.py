@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub
+os.environ.pop("ABAW_STORAGE", None)  # a developer's own study storage never receives the tests' trials
 
 from abaw import demo  # noqa: E402
 from abaw.data import LABEL_DIR  # noqa: E402

@@ -316,6 +316,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.timeout(300)  # the test reads the child's output until a line: never hang CI on a stalled child
 def test_sigterm_mid_submission_leaves_nothing_and_a_rerun_completes(finished_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "submissions" / "sub"

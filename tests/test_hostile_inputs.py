@@ -67,6 +67,22 @@ def test_a_window_holding_a_bad_value_raises_naming_file_and_row(tiny_root, valu
     assert pickle.loads(pickle.dumps(caught.value)).problems == [problem]  # crosses to joblib's parent whole
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_inf_in_a_float16_feature_file_is_caught_by_the_scan_and_the_window(tiny_root, value):
+    """float16 is the extractors' default storage: 1e6 itself overflows float16, so the check must not
+    compare in float16 (there inf <= float16(1e6) = inf would hold)."""
+    path = tiny_root / "features" / "visual" / "a.npy"
+    array = np.load(path).astype(np.float16)
+    array[7, 2] = value
+    array[12] = np.nan
+    np.save(path, array)
+    problem = only_problem(tiny_root, scan_values=True)
+    assert problem.path == path and problem.row == 7 and "infinite feature value" in problem.message
+    with pytest.raises(DataError) as caught:
+        open_dataset(tiny_root).videos["a"].features("visual", 4, 10)
+    assert caught.value.problems[0].row == 7
+
+
 def test_a_float64_value_beyond_float32_is_named_not_cast_to_inf(tiny_root):
     path = tiny_root / "features" / "audio" / "c.npy"
     array = np.zeros((20, 3))

@@ -87,6 +87,7 @@ def test_the_demo_folder_is_synced_after_its_rename(tmp_path, disk_log):
 @pytest.mark.parametrize("url, shown", [
     ("postgresql://abaw:s3cr%40t@db.lab:5432/studies", "postgresql://abaw:***@db.lab:5432/studies"),
     ("postgresql+psycopg2://u:p@h/d?sslmode=require", "postgresql+psycopg2://u:***@h/d?sslmode=require"),
+    ("postgresql://u:a/b?c#d@h/d", "postgresql://u:***@h/d"),  # SQLAlchemy reads the password "a/b?c#d"
     ("postgresql://abaw@db.lab/studies", "postgresql://abaw@db.lab/studies"),  # no password: unchanged
     ("sqlite:////tmp/x/study.db", "sqlite:////tmp/x/study.db"),
     ("runs/s/journal.log", "runs/s/journal.log"),

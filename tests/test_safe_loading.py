@@ -245,3 +245,16 @@ def test_a_damaged_pretrain_last_pt_starts_the_stage_over(images, tmp_path, caps
     said = "is unreadable (truncated or corrupt" if damage == "truncated" else "is unsafe to load"
     assert f"mae: {last} {said}" in capsys.readouterr().out
     assert result.resumed_from == 0 and result.complete and not (tmp_path / "marker").exists()
+
+
+def test_a_last_pt_of_an_earlier_version_with_numpy_values_still_loads(tmp_path):
+    """Before checkpoints held plain floats, a fold's history held numpy float64s: those resume."""
+    import numpy as np
+
+    from abaw.checkpoint import load_checkpoint, numpy_scalars
+
+    path = tmp_path / "last.pt"
+    torch.save({"state": {"history": [{"val_ccc": np.float64(0.5), "epoch": np.int64(1)}]}}, path)
+    with pytest.raises(UnsafeCheckpoint):
+        load_checkpoint(path)
+    assert load_checkpoint(path, allow=numpy_scalars())["state"]["history"][0]["val_ccc"] == 0.5

@@ -276,6 +276,8 @@ def test_no_password_reaches_a_file_a_table_or_a_message(small_root, tmp_path, m
     admin = postgres_url()
     secret, role = secrets.token_hex(12), f"abaw_cred_{os.getpid()}"
     with psycopg.connect(admin, autocommit=True) as conn:  # a database of its own: no other test's tables
+        conn.execute(f"DROP DATABASE IF EXISTS {role}")  # left by an earlier run under this pid
+        conn.execute(f"DROP ROLE IF EXISTS {role}")
         conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{secret}'")
         conn.execute(f"CREATE DATABASE {role} OWNER {role}")
     server = urlsplit(admin)
