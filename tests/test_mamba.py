@@ -1,14 +1,42 @@
 """Tests for abaw.models.mamba: chunked selective scan, mamba-ssm compatibility, causality."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from abaw.models import mamba as mamba_mod
+from abaw.models import scan_cpu
 from abaw.models.mamba import Mamba, selective_scan, selective_scan_sequential
 
 TOL = 1e-4
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def scan_impl(request, monkeypatch):
+    """Runs a test on both CPU scans: the compiled loops (scan_cpu) and the PyTorch chunked scan."""
+    if request.param == "torch":
+        monkeypatch.setenv("ABAW_CPU_SCAN", "torch")
+    else:
+        monkeypatch.delenv("ABAW_CPU_SCAN", raising=False)
+        assert scan_cpu.available(), "numba is a dependency: the compiled scan must be importable"
+    return request.param
+
+
+def autograd_nodes(out):
+    """Names of every autograd node behind ``out``."""
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(f for f, _ in node.next_functions)
+    return names
+
+
+SCAN_NODE = {"compiled": "_CompiledScanFnBackward", "torch": "_ChunkedScanFnBackward"}
 
 
 def assert_close_scaled(actual, expected, tol=TOL, name=""):
@@ -41,7 +69,7 @@ def make_scan_inputs(batch, dim, nstate, seqlen, seed=0):
 # 45 spans several segments), 64 (multiple of the segment)
 @pytest.mark.parametrize("seqlen", [1, 5, 8, 13, 45, 64])
 @pytest.mark.parametrize("full", [True, False], ids=["D_z_bias_softplus", "bare"])
-def test_chunked_scan_matches_sequential(seqlen, full):
+def test_chunked_scan_matches_sequential(seqlen, full, scan_impl):
     u, delta, A, B, C, D, z, delta_bias = inputs = make_scan_inputs(2, 6, 4, seqlen)
     if full:
         kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=True)
@@ -52,6 +80,7 @@ def test_chunked_scan_matches_sequential(seqlen, full):
         grad_inputs = [u, delta, A, B, C]
     ref = selective_scan_sequential(u, delta, A, B, C, **kwargs)
     out = selective_scan(u, delta, A, B, C, chunk_size=8, segment_len=16, **kwargs)
+    assert SCAN_NODE[scan_impl] in autograd_nodes(out)
     assert out.shape == ref.shape == u.shape
     assert torch.isfinite(out).all()
     assert_close_scaled(out, ref, name="y")
@@ -66,7 +95,7 @@ def test_chunked_scan_matches_sequential(seqlen, full):
 
 
 @pytest.mark.parametrize("chunk,segment", [(1, 1), (4, 4), (16, 64), (64, 64)])
-def test_chunked_scan_chunk_sizes(chunk, segment):
+def test_chunked_scan_chunk_sizes(chunk, segment, scan_impl):
     inputs = make_scan_inputs(1, 3, 2, 50, seed=1)
     u, delta, A, B, C, D, z, delta_bias = inputs
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=True)
@@ -91,7 +120,7 @@ def test_chunked_scan_gradcheck_float64():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_scan_does_not_save_state_tensor():
+def test_scan_does_not_save_state_tensor(scan_impl):
     """The custom Function keeps neither the (B, L, D, N) states nor anything that large."""
     batch, dim, nstate, seqlen = 2, 8, 16, 96
     inputs = make_scan_inputs(batch, dim, nstate, seqlen)
@@ -108,6 +137,48 @@ def test_scan_does_not_save_state_tensor():
     out.sum().backward()
     # largest saved tensors are the (B, L, D) / (B, L, N) inputs, far below B*L*D*N
     assert max(sizes) <= batch * seqlen * max(dim, nstate)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_compiled_scan_single_row_uneven_channel_blocks(threads):
+    """Validation runs one video (B = 1): its channels are split into blocks over threads."""
+    inputs = make_scan_inputs(1, 7, 3, 70, seed=4)
+    u, delta, A, B, C, D, z, delta_bias = inputs
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = selective_scan(u, delta, A, B, C, segment_len=16, **kwargs)
+        grads = torch.autograd.grad(out.sum(), inputs)
+    finally:
+        torch.set_num_threads(before)
+    assert "_CompiledScanFnBackward" in autograd_nodes(out)
+    ref = selective_scan_sequential(u, delta, A, B, C, **kwargs)
+    assert_close_scaled(out, ref, name="y")
+    for name, a, b in zip("u delta A B C D z bias".split(), grads, torch.autograd.grad(ref.sum(), inputs)):
+        assert_close_scaled(a, b, name=f"grad {name}")
+
+
+def test_compiled_scan_exp_matches_libm():
+    """The polynomial exp of the compiled loops: within 2 float32 ulps of exp, 0 below -87."""
+    x = torch.cat([-torch.logspace(-8, 2, 4000, dtype=torch.float64), torch.tensor([0.0, -87.0, -87.5, -1e4])])
+    x32 = x.float()
+    got = torch.tensor([float(scan_cpu._exp_nonpos(v)) for v in x32.numpy()], dtype=torch.float64)
+    want = torch.exp(x32.double())
+    normal = x32 >= -87.0
+    assert ((got - want).abs() <= 2.4e-7 * want)[normal].all()
+    assert (got[~normal] == 0).all()
+
+
+def test_compiled_scan_keeps_torch_thread_count():
+    """numba's threading layer resets OpenMP's thread count when it starts; torch's must survive
+    it (a Ray worker given 1 CPU sets 1 thread)."""
+    code = ("import torch; torch.set_num_threads(1); from abaw.models.mamba import selective_scan; "
+            "t = [torch.randn(1, 4, 9) for _ in range(2)] + [-torch.rand(4, 3)] + [torch.randn(1, 3, 9) for _ in range(2)]; "
+            "selective_scan(*t); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1"]
 
 
 def reference_block_forward(m: Mamba, hidden_states):
@@ -129,7 +200,7 @@ def reference_block_forward(m: Mamba, hidden_states):
 
 
 @pytest.mark.parametrize("seqlen", [3, 29])
-def test_block_matches_reference(seqlen):
+def test_block_matches_reference(seqlen, scan_impl):
     torch.manual_seed(0)
     m = Mamba(16, d_state=4, d_conv=4, expand=2)
     m.chunk_size, m.segment_len = 4, 8
@@ -150,7 +221,7 @@ def test_block_matches_reference(seqlen):
         assert_close_scaled(a, b, name=f"grad {name}")
 
 
-def test_block_is_causal():
+def test_block_is_causal(scan_impl):
     torch.manual_seed(0)
     m = Mamba(16, d_state=4, expand=2)
     m.chunk_size, m.segment_len = 4, 8  # cross chunk and segment boundaries
@@ -236,7 +307,7 @@ def test_initialisation_matches_mamba_ssm():
         Mamba(d_model, dt_init="bogus")
 
 
-def test_bf16_autocast_cpu():
+def test_bf16_autocast_cpu(scan_impl):
     torch.manual_seed(0)
     m = Mamba(32, d_state=4)
     x = torch.randn(2, 20, 32, requires_grad=True)

@@ -1,0 +1,225 @@
+"""The selective scan's recurrence as compiled CPU loops (numba), for float32 training on the CPU.
+
+Why: the pure-PyTorch chunked scan in :mod:`abaw.models.mamba` runs the recurrence as a few dozen
+small tensor operations per chunk, each a memory-bound pass over (B, S, D, N) buffers; at the
+demo size it was 55 % of a training step. A loop compiled once does the same recurrence in one
+pass per direction, with the state in registers and nothing of size (B, L, D, N) in memory.
+
+Only the recurrence is here; what is elementwise over (B, L, D) (softplus, the D skip, the
+``silu(z)`` gate and their gradients) stays in PyTorch, where it is already vectorised::
+
+    forward   h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t          (D, N) per (b, t)
+              y_t = sum_n C_t h_t                               -> (B, L, D)
+    backward  lambda_t = gy_t C_t + exp(dt_{t+1} A) lambda_{t+1}    (dLoss/dh_t)
+              lamB_t = sum_n lambda_t B_t;  wA_t = sum_n A lambda_t a_t h_{t-1}
+              dA = sum_{b,t} dt_t lambda_t a_t h_{t-1};  dB_t = sum_d lambda_t dt_t u_t;
+              dC_t = sum_d gy_t h_t
+
+Work is split into items (batch row, block of channels): each item owns its outputs, so the
+result does not depend on how items are spread over threads. The backward recomputes the states
+one segment at a time from the states that the forward saved at segment starts (gradient
+checkpointing), so memory stays O(B L (D + N)) plus (B, L/seg, D, N).
+
+``exp`` is :func:`_exp_nonpos`, a Cephes-style polynomial (max relative error about 1.2e-7,
+one ulp, over [-87, 0]) that the compiler can vectorise over the state dimension, where a call
+to the C library's ``expf`` cannot be; its arguments ``dt * A`` are never positive, because
+dt >= 0 and A = -exp(A_log) < 0. Below -87 it returns 0 (expf gives a denormal there).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
+except ImportError:  # numba is a dependency; without it mamba.py keeps the pure-PyTorch scan
+    numba = None
+
+__all__ = ["available", "scan_forward", "scan_backward"]
+
+# fastmath without 'nnan'/'ninf': a diverging run must still produce NaN for the trainer to see.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
+# Per-item workspace of the backward (states and decays of one segment) kept near L2's size.
+_SEGMENT_ELEMS = 2**15
+
+
+def available() -> bool:
+    """True when the compiled scan can run (numba importable, not switched off by ABAW_CPU_SCAN)."""
+    return numba is not None and os.environ.get("ABAW_CPU_SCAN", "numba") != "torch"
+
+
+if numba is not None:
+
+    @intrinsic
+    def _f32_from_bits(typingctx, bits):
+        """Reinterpret an int32's bits as a float32 (how 2**k is built without a libm call)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return types.float32(types.int32), codegen
+
+    @njit(fastmath=_FASTMATH, inline="always", cache=True)
+    def _exp_nonpos(x):
+        """exp(x) for float32 x <= 0 (Cephes expf: 2**k * p(r), |r| <= ln2/2), 0 below -87."""
+        xc = max(x, np.float32(-87.0))
+        k = -np.int32(np.float32(-xc * np.float32(1.44269504)) + np.float32(0.5))  # round(x/ln2)
+        kf = np.float32(k)
+        r = xc - kf * np.float32(0.693359375) + kf * np.float32(2.12194440e-4)  # Cody-Waite split ln2
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        p = p * r * r + r + np.float32(1.0)
+        e = p * _f32_from_bits((k + np.int32(127)) << np.int32(23))
+        return e if x >= np.float32(-87.0) else np.float32(0.0)
+
+    @njit(fastmath=_FASTMATH, parallel=True, cache=True)
+    def _forward_items(n_blocks, seg, u, dt, A, Bm, Cm, y, h_saved):
+        """All items: y = sum_n C h (B, L, D); h_saved[b, s] = state before segment s."""
+        seqlen, dim = u.shape[1], u.shape[2]
+        nst = A.shape[1]
+        width = (dim + n_blocks - 1) // n_blocks
+        for item in prange(u.shape[0] * n_blocks):
+            b = item // n_blocks
+            d0 = (item % n_blocks) * width
+            d1 = min(dim, d0 + width)
+            h = np.zeros((d1 - d0, nst), dtype=np.float32)  # (d, N) state of this item
+            for t in range(seqlen):
+                if t % seg == 0:
+                    h_saved[b, t // seg, d0:d1, :] = h
+                for d in range(d0, d1):
+                    dtv = dt[b, t, d]
+                    dtu = dtv * u[b, t, d]
+                    acc = np.float32(0.0)
+                    for n in range(nst):
+                        hv = _exp_nonpos(dtv * A[d, n]) * h[d - d0, n] + dtu * Bm[b, t, n]
+                        h[d - d0, n] = hv
+                        acc += hv * Cm[b, t, n]
+                    y[b, t, d] = acc
+
+    @njit(fastmath=_FASTMATH, parallel=True, cache=True)
+    def _backward_items(n_blocks, seg, u, dt, A, Bm, Cm, gy, h_saved,
+                        y, lam_b, w_a, grad_A, grad_B, grad_C):
+        """All items of the reverse scan. Writes y, lamB, wA (B, L, D); adds into grad_A
+        (B, D, N) (a partial sum per batch row) and grad_B, grad_C (n_blocks, B, L, N)."""
+        seqlen, dim = u.shape[1], u.shape[2]
+        nst = A.shape[1]
+        width = (dim + n_blocks - 1) // n_blocks
+        n_seg = (seqlen + seg - 1) // seg
+        for item in prange(u.shape[0] * n_blocks):
+            b = item // n_blocks
+            blk = item % n_blocks
+            d0 = blk * width
+            d1 = min(dim, d0 + width)
+            nd = d1 - d0
+            decay = np.empty((seg, nd, nst), dtype=np.float32)
+            states = np.empty((seg + 1, nd, nst), dtype=np.float32)  # states[i + 1] = h at s0 + i
+            nu = np.zeros((nd, nst), dtype=np.float32)  # a_{t+1} lambda_{t+1}; 0 after the end
+            for s in range(n_seg - 1, -1, -1):
+                s0 = s * seg
+                s1 = min(seqlen, s0 + seg)
+                states[0] = h_saved[b, s, d0:d1, :]
+                for t in range(s0, s1):  # recompute this segment's decays and states
+                    i = t - s0
+                    for d in range(d0, d1):
+                        dtv = dt[b, t, d]
+                        dtu = dtv * u[b, t, d]
+                        for n in range(nst):
+                            a = _exp_nonpos(dtv * A[d, n])
+                            decay[i, d - d0, n] = a
+                            states[i + 1, d - d0, n] = a * states[i, d - d0, n] + dtu * Bm[b, t, n]
+                for t in range(s1 - 1, s0 - 1, -1):
+                    i = t - s0
+                    for d in range(d0, d1):
+                        dd = d - d0
+                        dtv = dt[b, t, d]
+                        dtu = dtv * u[b, t, d]
+                        g = gy[b, t, d]
+                        acc_y = np.float32(0.0)
+                        acc_lb = np.float32(0.0)
+                        acc_wa = np.float32(0.0)
+                        for n in range(nst):
+                            hv = states[i + 1, dd, n]
+                            acc_y += hv * Cm[b, t, n]
+                            grad_C[blk, b, t, n] += g * hv
+                            lam = g * Cm[b, t, n] + nu[dd, n]
+                            grad_B[blk, b, t, n] += lam * dtu
+                            acc_lb += lam * Bm[b, t, n]
+                            a = decay[i, dd, n]
+                            w = lam * a * states[i, dd, n]
+                            acc_wa += A[d, n] * w
+                            grad_A[b, d, n] += dtv * w
+                            nu[dd, n] = a * lam
+                        y[b, t, d] = acc_y
+                        lam_b[b, t, d] = acc_lb
+                        w_a[b, t, d] = acc_wa
+
+
+def _run(kernel, *args) -> None:
+    """Run a kernel on torch's thread count, so that a Ray worker given 1 CPU stays on 1 thread.
+
+    numba's OpenMP threading layer loads the same libgomp as torch, so its threads are torch's own
+    (a second thread pool would compete with torch's spinning OpenMP workers for the cores).
+    """
+    threads = torch.get_num_threads()
+    if not _LAUNCHED:
+        # numba starts its threading layer on first use and, doing so, sets OpenMP's thread
+        # count to all cores: torch's count too, since they share libgomp. Put torch's back.
+        numba.get_num_threads()
+        torch.set_num_threads(threads)
+        _LAUNCHED.append(True)
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    kernel(*args)
+
+
+_LAUNCHED: list = []
+
+
+def _n_blocks(bsz: int, dim: int) -> int:
+    """Channel blocks per batch row: enough items for every thread (validation runs B = 1)."""
+    want = 2 * torch.get_num_threads()
+    return max(1, min(dim, -(-want // bsz)))
+
+
+def segment_length(bsz: int, dim: int, nst: int, seqlen: int) -> int:
+    """Frames per backward segment: a (seg, D/blocks, N) workspace of about 128 kB per item."""
+    width = -(-dim // _n_blocks(bsz, dim))
+    return max(8, min(seqlen, _SEGMENT_ELEMS // (width * nst)))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def scan_forward(u, dt, A, Bm, Cm, seg: int):
+    """y = sum_n C h (B, L, D) and the states before each segment (B, L/seg, D, N).
+
+    u, dt (B, L, D), A (D, N), Bm, Cm (B, L, N): contiguous float32 CPU tensors.
+    """
+    bsz, seqlen, dim = u.shape
+    n_blocks = _n_blocks(bsz, dim)
+    y = torch.empty_like(u)
+    h_saved = u.new_empty(bsz, -(-seqlen // seg), dim, A.shape[1])
+    _run(_forward_items, n_blocks, seg,
+               _np(u), _np(dt), _np(A), _np(Bm), _np(Cm), _np(y), _np(h_saved))
+    return y, h_saved
+
+
+def scan_backward(u, dt, A, Bm, Cm, gy, h_saved, seg: int):
+    """(y, lamB, wA, grad_A, grad_B, grad_C) of the recurrence for the upstream gradient gy
+    (B, L, D) w.r.t. y = sum_n C h. y is recomputed on the way (the gate's gradient needs it)."""
+    bsz, seqlen, dim = u.shape
+    n_blocks = _n_blocks(bsz, dim)
+    y, lam_b, w_a = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
+    grad_A = u.new_zeros(bsz, *A.shape)
+    grad_B = u.new_zeros(n_blocks, *Bm.shape)
+    grad_C = u.new_zeros(n_blocks, *Cm.shape)
+    _run(_backward_items, n_blocks, seg,
+               _np(u), _np(dt), _np(A), _np(Bm), _np(Cm), _np(gy), _np(h_saved),
+               _np(y), _np(lam_b), _np(w_a), _np(grad_A), _np(grad_B), _np(grad_C))
+    return y, lam_b, w_a, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0)
