@@ -237,23 +237,10 @@ def _adjoints_(a, lam, q, nu, chunk, nu_in, nu_out):
         l5[:, :, 1:].addcmul_(q5[:, :, 1:], nu_in[:, :, None])
 
 
-def _softplus(x):
-    """softplus(x) = max(x, 0) + log1p(exp(-|x|)) (= F.softplus up to rounding).
-
-    Written without torch.log1p / F.softplus, which are not vectorised in x86 CPU builds of
-    PyTorch (~10x slower than log); log1p(y) = y * log(w) / (w - 1) with w = 1 + y
-    (Goldberg) keeps full relative precision for tiny y.
-    """
-    y = torch.exp(-x.abs())
-    w = 1.0 + y
-    lp = torch.where(w == 1.0, y, torch.log(w) * y / (w - 1.0))
-    return x.clamp(min=0).add_(lp)
-
-
 def _dt(delta_raw, delta_bias, delta_softplus):
     """(pre, dt): pre = delta + delta_bias; dt = softplus(pre) when delta_softplus."""
     pre = delta_raw if delta_bias is None else delta_raw + delta_bias
-    return pre, (_softplus(pre) if delta_softplus else pre)
+    return pre, (F.softplus(pre) if delta_softplus else pre)
 
 
 # Reductions over the (B, S, D, N) work buffers.  Mathematically plain einsums; written as

@@ -78,89 +78,112 @@ if numba is not None:
         e = p * _f32_from_bits((k + np.int32(127)) << np.int32(23))
         return e if x >= np.float32(-87.0) else np.float32(0.0)
 
+    # Layout inside the kernels: channels d innermost, (N, d) per item, so that the inner loops
+    # run over the item's channels (64..512 of them) and vectorise; N (4..16) would be too short.
     @njit(fastmath=_FASTMATH, parallel=True, cache=True)
-    def _forward_items(n_blocks, seg, u, dt, A, Bm, Cm, y, h_saved):
-        """All items: y = sum_n C h (B, L, D); h_saved[b, s] = state before segment s."""
+    def _forward_items(n_blocks, seg, u, dt, At, Bm, Cm, y, h_saved):
+        """All items: y = sum_n C h (B, L, D); h_saved[b, s] = (N, D) state before segment s."""
         seqlen, dim = u.shape[1], u.shape[2]
-        nst = A.shape[1]
+        nst = At.shape[0]
         width = (dim + n_blocks - 1) // n_blocks
         for item in prange(u.shape[0] * n_blocks):
             b = item // n_blocks
             d0 = (item % n_blocks) * width
-            d1 = min(dim, d0 + width)
-            h = np.zeros((d1 - d0, nst), dtype=np.float32)  # (d, N) state of this item
+            nd = max(0, min(dim, d0 + width) - d0)
+            h = np.zeros((nst, nd), dtype=np.float32)  # state of this item's channels
+            dtv = np.empty(nd, dtype=np.float32)
+            dtu = np.empty(nd, dtype=np.float32)
+            acc = np.empty(nd, dtype=np.float32)
             for t in range(seqlen):
                 if t % seg == 0:
-                    h_saved[b, t // seg, d0:d1, :] = h
-                for d in range(d0, d1):
-                    dtv = dt[b, t, d]
-                    dtu = dtv * u[b, t, d]
-                    acc = np.float32(0.0)
-                    for n in range(nst):
-                        hv = _exp_nonpos(dtv * A[d, n]) * h[d - d0, n] + dtu * Bm[b, t, n]
-                        h[d - d0, n] = hv
-                        acc += hv * Cm[b, t, n]
-                    y[b, t, d] = acc
+                    h_saved[b, t // seg, :, d0:d0 + nd] = h
+                for j in range(nd):
+                    dtv[j] = dt[b, t, d0 + j]
+                    dtu[j] = dtv[j] * u[b, t, d0 + j]
+                    acc[j] = 0.0
+                for n in range(nst):
+                    bn = Bm[b, t, n]
+                    cn = Cm[b, t, n]
+                    for j in range(nd):
+                        hv = _exp_nonpos(dtv[j] * At[n, d0 + j]) * h[n, j] + dtu[j] * bn
+                        h[n, j] = hv
+                        acc[j] += hv * cn
+                y[b, t, d0:d0 + nd] = acc
 
     @njit(fastmath=_FASTMATH, parallel=True, cache=True)
-    def _backward_items(n_blocks, seg, u, dt, A, Bm, Cm, gy, h_saved,
+    def _backward_items(n_blocks, seg, u, dt, At, Bm, Cm, gy, h_saved,
                         y, lam_b, w_a, grad_A, grad_B, grad_C):
-        """All items of the reverse scan. Writes y, lamB, wA (B, L, D); adds into grad_A
-        (B, D, N) (a partial sum per batch row) and grad_B, grad_C (n_blocks, B, L, N)."""
+        """All items of the reverse scan. Writes y, lamB, wA (B, L, D), grad_A (B, N, D) (a
+        partial sum per batch row) and grad_B, grad_C (n_blocks, B, L, N) (one per block)."""
         seqlen, dim = u.shape[1], u.shape[2]
-        nst = A.shape[1]
+        nst = At.shape[0]
         width = (dim + n_blocks - 1) // n_blocks
         n_seg = (seqlen + seg - 1) // seg
         for item in prange(u.shape[0] * n_blocks):
             b = item // n_blocks
             blk = item % n_blocks
             d0 = blk * width
-            d1 = min(dim, d0 + width)
-            nd = d1 - d0
-            decay = np.empty((seg, nd, nst), dtype=np.float32)
-            states = np.empty((seg + 1, nd, nst), dtype=np.float32)  # states[i + 1] = h at s0 + i
-            nu = np.zeros((nd, nst), dtype=np.float32)  # a_{t+1} lambda_{t+1}; 0 after the end
+            nd = max(0, min(dim, d0 + width) - d0)
+            decay = np.empty((seg, nst, nd), dtype=np.float32)
+            states = np.empty((seg + 1, nst, nd), dtype=np.float32)  # states[i + 1]: h at s0 + i
+            nu = np.zeros((nst, nd), dtype=np.float32)  # a_{t+1} lambda_{t+1}; 0 after the end
+            ga = np.zeros((nst, nd), dtype=np.float32)  # this item's share of grad_A
+            dtv = np.empty(nd, dtype=np.float32)
+            dtu = np.empty(nd, dtype=np.float32)
+            g = np.empty(nd, dtype=np.float32)
+            acc_y = np.empty(nd, dtype=np.float32)
+            acc_lb = np.empty(nd, dtype=np.float32)
+            acc_wa = np.empty(nd, dtype=np.float32)
             for s in range(n_seg - 1, -1, -1):
                 s0 = s * seg
                 s1 = min(seqlen, s0 + seg)
-                states[0] = h_saved[b, s, d0:d1, :]
+                states[0] = h_saved[b, s, :, d0:d0 + nd]
                 for t in range(s0, s1):  # recompute this segment's decays and states
                     i = t - s0
-                    for d in range(d0, d1):
-                        dtv = dt[b, t, d]
-                        dtu = dtv * u[b, t, d]
-                        for n in range(nst):
-                            a = _exp_nonpos(dtv * A[d, n])
-                            decay[i, d - d0, n] = a
-                            states[i + 1, d - d0, n] = a * states[i, d - d0, n] + dtu * Bm[b, t, n]
+                    for j in range(nd):
+                        dtv[j] = dt[b, t, d0 + j]
+                        dtu[j] = dtv[j] * u[b, t, d0 + j]
+                    for n in range(nst):
+                        bn = Bm[b, t, n]
+                        for j in range(nd):
+                            a = _exp_nonpos(dtv[j] * At[n, d0 + j])
+                            decay[i, n, j] = a
+                            states[i + 1, n, j] = a * states[i, n, j] + dtu[j] * bn
                 for t in range(s1 - 1, s0 - 1, -1):
                     i = t - s0
-                    for d in range(d0, d1):
-                        dd = d - d0
-                        dtv = dt[b, t, d]
-                        dtu = dtv * u[b, t, d]
-                        g = gy[b, t, d]
-                        acc_y = np.float32(0.0)
-                        acc_lb = np.float32(0.0)
-                        acc_wa = np.float32(0.0)
-                        for n in range(nst):
-                            hv = states[i + 1, dd, n]
-                            acc_y += hv * Cm[b, t, n]
-                            grad_C[blk, b, t, n] += g * hv
-                            lam = g * Cm[b, t, n] + nu[dd, n]
-                            grad_B[blk, b, t, n] += lam * dtu
-                            acc_lb += lam * Bm[b, t, n]
-                            a = decay[i, dd, n]
-                            w = lam * a * states[i, dd, n]
-                            acc_wa += A[d, n] * w
-                            grad_A[b, d, n] += dtv * w
-                            nu[dd, n] = a * lam
-                        y[b, t, d] = acc_y
-                        lam_b[b, t, d] = acc_lb
-                        w_a[b, t, d] = acc_wa
+                    for j in range(nd):
+                        dtv[j] = dt[b, t, d0 + j]
+                        dtu[j] = dtv[j] * u[b, t, d0 + j]
+                        g[j] = gy[b, t, d0 + j]
+                        acc_y[j] = 0.0
+                        acc_lb[j] = 0.0
+                        acc_wa[j] = 0.0
+                    for n in range(nst):
+                        bn = Bm[b, t, n]
+                        cn = Cm[b, t, n]
+                        sum_gh = np.float32(0.0)
+                        sum_ldu = np.float32(0.0)
+                        for j in range(nd):
+                            hv = states[i + 1, n, j]
+                            acc_y[j] += hv * cn
+                            sum_gh += g[j] * hv
+                            lam = g[j] * cn + nu[n, j]
+                            sum_ldu += lam * dtu[j]
+                            acc_lb[j] += lam * bn
+                            a = decay[i, n, j]
+                            w = lam * a * states[i, n, j]
+                            acc_wa[j] += At[n, d0 + j] * w
+                            ga[n, j] += dtv[j] * w
+                            nu[n, j] = a * lam
+                        grad_B[blk, b, t, n] = sum_ldu
+                        grad_C[blk, b, t, n] = sum_gh
+                    y[b, t, d0:d0 + nd] = acc_y
+                    lam_b[b, t, d0:d0 + nd] = acc_lb
+                    w_a[b, t, d0:d0 + nd] = acc_wa
+            grad_A[b, :, d0:d0 + nd] = ga
 
 
-def _run(kernel, *args) -> None:
+def run_parallel(kernel, *args) -> None:
     """Run a kernel on torch's thread count, so that a Ray worker given 1 CPU stays on 1 thread.
 
     numba's OpenMP threading layer loads the same libgomp as torch, so its threads are torch's own
@@ -197,16 +220,16 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def scan_forward(u, dt, A, Bm, Cm, seg: int):
-    """y = sum_n C h (B, L, D) and the states before each segment (B, L/seg, D, N).
+    """y = sum_n C h (B, L, D) and the states before each segment (B, L/seg, N, D).
 
     u, dt (B, L, D), A (D, N), Bm, Cm (B, L, N): contiguous float32 CPU tensors.
     """
     bsz, seqlen, dim = u.shape
     n_blocks = _n_blocks(bsz, dim)
     y = torch.empty_like(u)
-    h_saved = u.new_empty(bsz, -(-seqlen // seg), dim, A.shape[1])
-    _run(_forward_items, n_blocks, seg,
-               _np(u), _np(dt), _np(A), _np(Bm), _np(Cm), _np(y), _np(h_saved))
+    h_saved = u.new_empty(bsz, -(-seqlen // seg), A.shape[1], dim)
+    run_parallel(_forward_items, n_blocks, seg,
+               _np(u), _np(dt), _np(A.t().contiguous()), _np(Bm), _np(Cm), _np(y), _np(h_saved))
     return y, h_saved
 
 
@@ -216,10 +239,10 @@ def scan_backward(u, dt, A, Bm, Cm, gy, h_saved, seg: int):
     bsz, seqlen, dim = u.shape
     n_blocks = _n_blocks(bsz, dim)
     y, lam_b, w_a = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
-    grad_A = u.new_zeros(bsz, *A.shape)
-    grad_B = u.new_zeros(n_blocks, *Bm.shape)
-    grad_C = u.new_zeros(n_blocks, *Cm.shape)
-    _run(_backward_items, n_blocks, seg,
-               _np(u), _np(dt), _np(A), _np(Bm), _np(Cm), _np(gy), _np(h_saved),
+    grad_A = u.new_empty(bsz, A.shape[1], A.shape[0])  # (B, N, D)
+    grad_B = u.new_empty(n_blocks, *Bm.shape)
+    grad_C = u.new_empty(n_blocks, *Cm.shape)
+    run_parallel(_backward_items, n_blocks, seg,
+               _np(u), _np(dt), _np(A.t().contiguous()), _np(Bm), _np(Cm), _np(gy), _np(h_saved),
                _np(y), _np(lam_b), _np(w_a), _np(grad_A), _np(grad_B), _np(grad_C))
-    return y, lam_b, w_a, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0)
+    return y, lam_b, w_a, grad_A.sum(0).t(), grad_B.sum(0), grad_C.sum(0)

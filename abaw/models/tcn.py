@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from abaw.models.act_dropout import prelu_dropout
+
 ACTIVATIONS = {"relu": nn.ReLU, "prelu": nn.PReLU, "gelu": nn.GELU}
 
 
@@ -71,10 +73,17 @@ class TemporalBlock(nn.Module):
         self.act_out = make_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T)
-        h = self.dropout(self.act1(self.conv1(x)))
-        h = self.dropout(self.act2(self.conv2(h)))
+        h = self._activate(self.act1, self.conv1(x), self.dropout.p)
+        h = self._activate(self.act2, self.conv2(h), self.dropout.p)
         res = x if self.downsample is None else self.downsample(x)
-        return self.act_out(h + res)
+        return self._activate(self.act_out, h + res, 0.0)
+
+    def _activate(self, act: nn.Module, h: torch.Tensor, p: float) -> torch.Tensor:
+        """dropout(act(h)); PReLU and ReLU as one fused CPU pass (abaw.models.act_dropout)."""
+        if isinstance(act, (nn.PReLU, nn.ReLU)):
+            return prelu_dropout(h, getattr(act, "weight", None), p, self.training)
+        h = act(h)
+        return self.dropout(h) if p > 0 else h
 
 
 class TCN(nn.Module):
