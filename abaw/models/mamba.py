@@ -95,7 +95,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from abaw.models import scan_cpu
+from abaw.models import conv_silu_cpu, scan_cpu
 
 # Optional fused CUDA kernels, imported the way mamba_ssm.modules.mamba_simple does.  These
 # packages only build/import on machines with CUDA; on CPU they are simply absent.
@@ -716,7 +716,10 @@ class Mamba(nn.Module):
         x, z = xz.chunk(2, dim=-1)  # (B, L, d_inner) each
         # Causal depthwise conv: Conv1d pads d_conv-1 on both sides; keeping the first L
         # outputs means frame t only sees frames t-d_conv+1 .. t.
-        x = self.act(self.conv1d(x.transpose(1, 2))[..., :seqlen]).transpose(1, 2)
+        if conv_silu_cpu.fused_available(x):  # the same, as one compiled pass in (B, L, D)
+            x = conv_silu_cpu.conv_silu(x, self.conv1d.weight, self.conv1d.bias)
+        else:
+            x = self.act(self.conv1d(x.transpose(1, 2))[..., :seqlen]).transpose(1, 2)
         x_dbl = self.x_proj(x)  # (B, L, dt_rank + 2*d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (B, L, d_inner); bias goes inside softplus

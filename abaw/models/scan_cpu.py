@@ -20,7 +20,7 @@ result does not depend on how items are spread over threads. The backward recomp
 one segment at a time from the states that the forward saved at segment starts (gradient
 checkpointing), so memory stays O(B L (D + N)) plus (B, L/seg, D, N).
 
-``exp`` is :func:`_exp_nonpos`, a Cephes-style polynomial (max relative error about 1.2e-7,
+``exp`` is :func:`exp_nonpos`, a Cephes-style polynomial (max relative error about 1.2e-7,
 one ulp, over [-87, 0]) that the compiler can vectorise over the state dimension, where a call
 to the C library's ``expf`` cannot be; its arguments ``dt * A`` are never positive, because
 dt >= 0 and A = -exp(A_log) < 0. Below -87 it returns 0 (expf gives a denormal there).
@@ -62,7 +62,7 @@ if numba is not None:
         return types.float32(types.int32), codegen
 
     @njit(fastmath=_FASTMATH, inline="always", cache=True)
-    def _exp_nonpos(x):
+    def exp_nonpos(x):
         """exp(x) for float32 x <= 0 (Cephes expf: 2**k * p(r), |r| <= ln2/2), 0 below -87."""
         xc = max(x, np.float32(-87.0))
         k = -np.int32(np.float32(-xc * np.float32(1.44269504)) + np.float32(0.5))  # round(x/ln2)
@@ -105,7 +105,7 @@ if numba is not None:
                     bn = Bm[b, t, n]
                     cn = Cm[b, t, n]
                     for j in range(nd):
-                        hv = _exp_nonpos(dtv[j] * At[n, d0 + j]) * h[n, j] + dtu[j] * bn
+                        hv = exp_nonpos(dtv[j] * At[n, d0 + j]) * h[n, j] + dtu[j] * bn
                         h[n, j] = hv
                         acc[j] += hv * cn
                 y[b, t, d0:d0 + nd] = acc
@@ -146,7 +146,7 @@ if numba is not None:
                     for n in range(nst):
                         bn = Bm[b, t, n]
                         for j in range(nd):
-                            a = _exp_nonpos(dtv[j] * At[n, d0 + j])
+                            a = exp_nonpos(dtv[j] * At[n, d0 + j])
                             decay[i, n, j] = a
                             states[i + 1, n, j] = a * states[i, n, j] + dtu[j] * bn
                 for t in range(s1 - 1, s0 - 1, -1):
