@@ -397,55 +397,40 @@ class _ChunkedScanFn(torch.autograd.Function):
 
 
 class _CompiledScanFn(torch.autograd.Function):
-    """The same fused selective scan as :class:`_ChunkedScanFn`, with the recurrence run by the
-    compiled CPU loops of :mod:`abaw.models.scan_cpu` (float32 CPU tensors only).
+    """The same fused selective scan as :class:`_ChunkedScanFn`, run by the compiled CPU loops of
+    :mod:`abaw.models.scan_cpu` (float32 CPU tensors only).
 
-    PyTorch does what is elementwise over (B, L, D): softplus, the D skip and the silu(z) gate,
-    forward and backward. Saves the inputs and the (B, D, N) state at each segment start.
+    PyTorch computes softplus and sigmoid(z) (vectorised); the loops do the recurrence, the D skip,
+    the gate and every gradient. Saves the inputs, dt = softplus(delta + bias) (so the backward
+    need not recompute it: one (B, L, D) tensor more than the PyTorch scan) and the (N, D) state
+    at each segment start.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, segment):
         with torch.autocast("cpu", enabled=False):
             u, Bm, Cm = u.contiguous(), Bm.contiguous(), Cm.contiguous()
-            _, dt = _dt(delta, delta_bias, delta_softplus)
-            y, h_saved = scan_cpu.scan_forward(u, dt.contiguous(), A.contiguous(), Bm, Cm, segment)
-            if D is not None:
-                y.addcmul_(u, D)
-            if z is not None:
-                y.mul_(F.silu(z))
-            ctx.save_for_backward(u, delta, A, Bm, Cm, D, z, delta_bias, h_saved)
-            ctx.delta_softplus, ctx.segment = delta_softplus, segment
+            pre, dt = _dt(delta, delta_bias, delta_softplus)
+            dt = dt.contiguous()
+            Dv = D if D is not None else u.new_zeros(u.shape[-1])
+            gate = None if z is None else F.silu(z).contiguous()
+            y, h_saved = scan_cpu.scan_forward(u, dt, A, Bm, Cm, Dv, gate, segment)
+            ctx.save_for_backward(u, dt, pre if delta_softplus else None, A, Bm, Cm, Dv, z, h_saved)
+            ctx.has_D, ctx.has_bias, ctx.segment = D is not None, delta_bias is not None, segment
         return y
 
     @staticmethod
     def backward(ctx, gout):
-        u, delta, A, Bm, Cm, D, z, delta_bias, h_saved = ctx.saved_tensors
+        u, dt, pre, A, Bm, Cm, Dv, z, h_saved = ctx.saved_tensors
         with torch.autocast("cpu", enabled=False):
-            gout = gout.to(u.dtype)
-            pre, dt = _dt(delta, delta_bias, ctx.delta_softplus)
-            grad_z = None
-            gy = gout  # gradient w.r.t. y + D u
-            if z is not None:
-                sig = torch.sigmoid(z)
-                gy = gout * (z * sig)
-            y, lam_b, w_a, grad_A, grad_B, grad_C = scan_cpu.scan_backward(
-                u, dt.contiguous(), A.contiguous(), Bm, Cm, gy.contiguous(), h_saved, ctx.segment)
-            if z is not None:
-                if D is not None:
-                    y.addcmul_(u, D)
-                # d silu(z)/dz = sig * (1 + z * (1 - sig))
-                grad_z = gout * y * sig * (1 + z * (1 - sig))
-            grad_u = dt * lam_b  # dLoss/du through x = dt B u
-            grad_D = None
-            if D is not None:
-                grad_u.addcmul_(gy, D)
-                grad_D = (gy * u).sum((0, 1))
-            grad_delta = w_a.addcmul_(u, lam_b)  # dLoss/d dt = u sum_n lambda B + sum_n A w
-            if ctx.delta_softplus:
-                grad_delta.mul_(torch.sigmoid(pre))  # softplus' = sigmoid
-            grad_bias = None if delta_bias is None else grad_delta.sum((0, 1))
-        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, None, None
+            gout = gout.to(u.dtype).contiguous()
+            z = None if z is None else z.contiguous()
+            sig_z = None if z is None else torch.sigmoid(z)
+            sig_pre = None if pre is None else torch.sigmoid(pre).contiguous()
+            grad_u, grad_delta, grad_z, grad_D, grad_bias, grad_A, grad_B, grad_C = scan_cpu.scan_backward(
+                u, dt, A, Bm, Cm, Dv, z, sig_z, sig_pre, gout, h_saved, ctx.segment)
+        return (grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D if ctx.has_D else None, grad_z,
+                grad_bias if ctx.has_bias else None, None, None)
 
 
 def _use_compiled_scan(u: torch.Tensor) -> bool:

@@ -81,8 +81,9 @@ if numba is not None:
     # Layout inside the kernels: channels d innermost, (N, d) per item, so that the inner loops
     # run over the item's channels (64..512 of them) and vectorise; N (4..16) would be too short.
     @njit(fastmath=_FASTMATH, parallel=True, cache=True)
-    def _forward_items(n_blocks, seg, u, dt, At, Bm, Cm, y, h_saved):
-        """All items: y = sum_n C h (B, L, D); h_saved[b, s] = (N, D) state before segment s."""
+    def _forward_items(n_blocks, seg, u, dt, At, Bm, Cm, Dv, gate, has_gate, y, h_saved):
+        """All items: y = (sum_n C h + D u) * gate (B, L, D) (gate = silu(z) when has_gate);
+        h_saved[b, s] = (N, D) state before segment s."""
         seqlen, dim = u.shape[1], u.shape[2]
         nst = At.shape[0]
         width = (dim + n_blocks - 1) // n_blocks
@@ -108,13 +109,19 @@ if numba is not None:
                         hv = exp_nonpos(dtv[j] * At[n, d0 + j]) * h[n, j] + dtu[j] * bn
                         h[n, j] = hv
                         acc[j] += hv * cn
-                y[b, t, d0:d0 + nd] = acc
+                for j in range(nd):
+                    out = acc[j] + Dv[d0 + j] * u[b, t, d0 + j]
+                    y[b, t, d0 + j] = out * gate[b, t, d0 + j] if has_gate else out
 
     @njit(fastmath=_FASTMATH, parallel=True, cache=True)
-    def _backward_items(n_blocks, seg, u, dt, At, Bm, Cm, gy, h_saved,
-                        y, lam_b, w_a, grad_A, grad_B, grad_C):
-        """All items of the reverse scan. Writes y, lamB, wA (B, L, D), grad_A (B, N, D) (a
-        partial sum per batch row) and grad_B, grad_C (n_blocks, B, L, N) (one per block)."""
+    def _backward_items(n_blocks, seg, u, dt, At, Bm, Cm, Dv, z, sig_z, has_gate, sig_pre,
+                        softplus, gout, h_saved, grad_u, grad_dt, grad_z, grad_D, grad_bias,
+                        grad_A, grad_B, grad_C):
+        """All items of the reverse scan, with the gate's, the D skip's and softplus' gradients.
+
+        Writes grad_u, grad_dt (w.r.t. delta when softplus: times sigmoid(pre) = sig_pre) and
+        grad_z (B, L, D); per batch row the partial sums grad_D, grad_bias (B, D) and grad_A
+        (B, N, D); per channel block grad_B, grad_C (n_blocks, B, L, N)."""
         seqlen, dim = u.shape[1], u.shape[2]
         nst = At.shape[0]
         width = (dim + n_blocks - 1) // n_blocks
@@ -128,10 +135,12 @@ if numba is not None:
             states = np.empty((seg + 1, nst, nd), dtype=np.float32)  # states[i + 1]: h at s0 + i
             nu = np.zeros((nst, nd), dtype=np.float32)  # a_{t+1} lambda_{t+1}; 0 after the end
             ga = np.zeros((nst, nd), dtype=np.float32)  # this item's share of grad_A
+            gd = np.zeros(nd, dtype=np.float32)  # ... of grad_D
+            gbias = np.zeros(nd, dtype=np.float32)  # ... of grad_bias
             dtv = np.empty(nd, dtype=np.float32)
             dtu = np.empty(nd, dtype=np.float32)
             g = np.empty(nd, dtype=np.float32)
-            acc_y = np.empty(nd, dtype=np.float32)
+            acc_y = np.empty(nd, dtype=np.float32)  # sum_n C h: the gate's gradient needs it
             acc_lb = np.empty(nd, dtype=np.float32)
             acc_wa = np.empty(nd, dtype=np.float32)
             for s in range(n_seg - 1, -1, -1):
@@ -154,7 +163,9 @@ if numba is not None:
                     for j in range(nd):
                         dtv[j] = dt[b, t, d0 + j]
                         dtu[j] = dtv[j] * u[b, t, d0 + j]
-                        g[j] = gy[b, t, d0 + j]
+                        go = gout[b, t, d0 + j]
+                        # gradient w.r.t. y + D u: through the gate silu(z) = z sigmoid(z)
+                        g[j] = go * z[b, t, d0 + j] * sig_z[b, t, d0 + j] if has_gate else go
                         acc_y[j] = 0.0
                         acc_lb[j] = 0.0
                         acc_wa[j] = 0.0
@@ -177,10 +188,24 @@ if numba is not None:
                             nu[n, j] = a * lam
                         grad_B[blk, b, t, n] = sum_ldu
                         grad_C[blk, b, t, n] = sum_gh
-                    y[b, t, d0:d0 + nd] = acc_y
-                    lam_b[b, t, d0:d0 + nd] = acc_lb
-                    w_a[b, t, d0:d0 + nd] = acc_wa
+                    for j in range(nd):
+                        d = d0 + j
+                        uv = u[b, t, d]
+                        if has_gate:  # d silu(z)/dz = sig * (1 + z * (1 - sig))
+                            sz = sig_z[b, t, d]
+                            zv = z[b, t, d]
+                            yv = acc_y[j] + Dv[d] * uv
+                            grad_z[b, t, d] = gout[b, t, d] * yv * sz * (np.float32(1.0) + zv * (np.float32(1.0) - sz))
+                        grad_u[b, t, d] = dtv[j] * acc_lb[j] + g[j] * Dv[d]
+                        gd[j] += g[j] * uv
+                        gdt = uv * acc_lb[j] + acc_wa[j]  # dLoss/d dt = u sum_n lambda B + sum_n A w
+                        if softplus:
+                            gdt *= sig_pre[b, t, d]  # softplus' = sigmoid
+                        grad_dt[b, t, d] = gdt
+                        gbias[j] += gdt
             grad_A[b, :, d0:d0 + nd] = ga
+            grad_D[b, d0:d0 + nd] = gd
+            grad_bias[b, d0:d0 + nd] = gbias
 
 
 def run_parallel(kernel, *args) -> None:
@@ -219,30 +244,39 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def scan_forward(u, dt, A, Bm, Cm, seg: int):
-    """y = sum_n C h (B, L, D) and the states before each segment (B, L/seg, N, D).
+def scan_forward(u, dt, A, Bm, Cm, D, gate, seg: int):
+    """y = (sum_n C h + D u) * gate (B, L, D) and the states before each segment (B, L/seg, N, D).
 
-    u, dt (B, L, D), A (D, N), Bm, Cm (B, L, N): contiguous float32 CPU tensors.
+    u, dt, gate (B, L, D), A (D, N), Bm, Cm (B, L, N), D (D,): contiguous float32 CPU tensors;
+    gate (silu(z)) may be None.
     """
     bsz, seqlen, dim = u.shape
     n_blocks = _n_blocks(bsz, dim)
     y = torch.empty_like(u)
     h_saved = u.new_empty(bsz, -(-seqlen // seg), A.shape[1], dim)
-    run_parallel(_forward_items, n_blocks, seg,
-               _np(u), _np(dt), _np(A.t().contiguous()), _np(Bm), _np(Cm), _np(y), _np(h_saved))
+    run_parallel(_forward_items, n_blocks, seg, _np(u), _np(dt), _np(A.t().contiguous()), _np(Bm),
+                 _np(Cm), _np(D), _np(u if gate is None else gate), gate is not None, _np(y), _np(h_saved))
     return y, h_saved
 
 
-def scan_backward(u, dt, A, Bm, Cm, gy, h_saved, seg: int):
-    """(y, lamB, wA, grad_A, grad_B, grad_C) of the recurrence for the upstream gradient gy
-    (B, L, D) w.r.t. y = sum_n C h. y is recomputed on the way (the gate's gradient needs it)."""
+def scan_backward(u, dt, A, Bm, Cm, D, z, sig_z, sig_pre, gout, h_saved, seg: int):
+    """Gradients (u, dt-or-delta, z, D, delta_bias, A, B, C) of :func:`scan_forward`'s output
+    for the upstream gradient gout (B, L, D).
+
+    z, sig_z = sigmoid(z): the gate's input, or both None. sig_pre = sigmoid(delta + bias) when
+    dt = softplus(delta + bias), else None; then the dt gradient is w.r.t. delta.
+    """
     bsz, seqlen, dim = u.shape
     n_blocks = _n_blocks(bsz, dim)
-    y, lam_b, w_a = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
+    grad_u, grad_dt, grad_z = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
+    grad_D, grad_bias = u.new_empty(bsz, dim), u.new_empty(bsz, dim)
     grad_A = u.new_empty(bsz, A.shape[1], A.shape[0])  # (B, N, D)
     grad_B = u.new_empty(n_blocks, *Bm.shape)
     grad_C = u.new_empty(n_blocks, *Cm.shape)
-    run_parallel(_backward_items, n_blocks, seg,
-               _np(u), _np(dt), _np(A.t().contiguous()), _np(Bm), _np(Cm), _np(gy), _np(h_saved),
-               _np(y), _np(lam_b), _np(w_a), _np(grad_A), _np(grad_B), _np(grad_C))
-    return y, lam_b, w_a, grad_A.sum(0).t(), grad_B.sum(0), grad_C.sum(0)
+    run_parallel(_backward_items, n_blocks, seg, _np(u), _np(dt), _np(A.t().contiguous()), _np(Bm),
+                 _np(Cm), _np(D), _np(u if z is None else z), _np(u if sig_z is None else sig_z), z is not None,
+                 _np(u if sig_pre is None else sig_pre), sig_pre is not None, _np(gout), _np(h_saved),
+                 _np(grad_u), _np(grad_dt), _np(grad_z), _np(grad_D), _np(grad_bias), _np(grad_A),
+                 _np(grad_B), _np(grad_C))
+    return (grad_u, grad_dt, grad_z if z is not None else None, grad_D.sum(0), grad_bias.sum(0),
+            grad_A.sum(0).t(), grad_B.sum(0), grad_C.sum(0))
