@@ -52,7 +52,11 @@ model = build_model(cfg, "mamba_va", dataset)
 windows = WindowDataset(trainer.train_videos, model.modalities, cfg.window, cfg.hop, cfg.presence)
 windows.index = [(i, s) for i, s in windows.index if windows.videos[i].label_mask[s:s + cfg.window].any()]
 loader = trainer._loader(windows, 0)
-optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+try:  # the trainer's own optimizer; older code built it inline
+    from abaw.train import make_optimizer
+    optimizer = make_optimizer(model, cfg)
+except ImportError:
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
 parts = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 n = 0
 warmup = None
