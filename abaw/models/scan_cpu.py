@@ -45,6 +45,7 @@ __all__ = ["available", "scan_forward", "scan_backward"]
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
 # Per-item workspace of the backward (states and decays of one segment) kept near L2's size.
 _SEGMENT_ELEMS = 2**15
+_MIN_ITEMS = 16  # work items per call, whatever the thread count
 
 
 def available() -> bool:
@@ -229,9 +230,11 @@ _LAUNCHED: list = []
 
 
 def _n_blocks(bsz: int, dim: int) -> int:
-    """Channel blocks per batch row: enough items for every thread (validation runs B = 1)."""
-    want = 2 * torch.get_num_threads()
-    return max(1, min(dim, -(-want // bsz)))
+    """Channel blocks per batch row: at least _MIN_ITEMS items, so that validation (B = 1) uses
+    every thread, but never blocks under 8 channels. From the shapes only, never from the thread
+    count: grad_B and grad_C are summed over blocks, and a run must give the same bits on 1 CPU
+    (a Ray worker) as on 16."""
+    return max(1, min(dim // 8, -(-_MIN_ITEMS // bsz)))
 
 
 def segment_length(bsz: int, dim: int, nst: int, seqlen: int) -> int:
