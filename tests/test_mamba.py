@@ -174,6 +174,17 @@ def test_compiled_scan_exp_matches_libm():
     assert (got[~normal] == 0).all()
 
 
+def test_compiled_scan_softplus_and_sigmoid_match_torch():
+    """The loops' own softplus (dt) and sigmoid (gate, softplus'), over the range dt and z take:
+    within a few float32 ulps of PyTorch's, and finite at the extremes."""
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([0.0, 20.0, -20.0, 88.0, -88.0, 1e4, -1e4])])
+    for mine, theirs in ((scan_cpu.softplus, F.softplus), (scan_cpu.sigmoid, torch.sigmoid)):
+        got = torch.tensor([float(mine(v)) for v in x.numpy()], dtype=torch.float64)
+        want = theirs(x.double())
+        assert torch.isfinite(got).all()
+        assert ((got - want).abs() <= 5e-7 * want.abs() + 1e-30).all(), mine.__name__
+
+
 def test_compiled_scan_keeps_torch_thread_count():
     """numba's threading layer resets OpenMP's thread count when it starts; torch's must survive
     it (a Ray worker given 1 CPU sets 1 thread)."""

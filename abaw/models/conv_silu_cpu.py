@@ -32,12 +32,7 @@ def fused_available(x: torch.Tensor) -> bool:
 
 
 if njit is not None:
-    _exp_nonpos = scan_cpu.exp_nonpos  # noqa: N816
-
-    @njit(fastmath=_FASTMATH, inline="always", cache=True)
-    def _sigmoid(p):
-        e = _exp_nonpos(-abs(p))  # in (0, 1]: never overflows
-        return np.float32(1.0) / (np.float32(1.0) + e) if p >= 0 else e / (np.float32(1.0) + e)
+    _sigmoid = scan_cpu.sigmoid
 
     @njit(fastmath=_FASTMATH, inline="always", cache=True)
     def _pre(x, wt, bias, b, t, acc):

@@ -401,35 +401,30 @@ class _CompiledScanFn(torch.autograd.Function):
     """The same fused selective scan as :class:`_ChunkedScanFn`, run by the compiled CPU loops of
     :mod:`abaw.models.scan_cpu` (float32 CPU tensors only).
 
-    PyTorch computes softplus and sigmoid(z) (vectorised); the loops do the recurrence, the D skip,
-    the gate and every gradient. Saves the inputs, dt = softplus(delta + bias) (so the backward
-    need not recompute it: one (B, L, D) tensor more than the PyTorch scan) and the (N, D) state
-    at each segment start.
+    The loops do everything: softplus, the recurrence, the D skip, the silu(z) gate and every
+    gradient. Saves only the inputs and the (N, D) state at each segment start; z may stay a view
+    into in_proj's output.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, segment):
         with torch.autocast("cpu", enabled=False):
-            u, Bm, Cm = u.contiguous(), Bm.contiguous(), Cm.contiguous()
-            pre, dt = _dt(delta, delta_bias, delta_softplus)
-            dt = dt.contiguous()
+            u, delta, Bm, Cm = u.contiguous(), delta.contiguous(), Bm.contiguous(), Cm.contiguous()
             Dv = D if D is not None else u.new_zeros(u.shape[-1])
-            gate = None if z is None else F.silu(z).contiguous()
-            y, h_saved = scan_cpu.scan_forward(u, dt, A, Bm, Cm, Dv, gate, segment)
-            ctx.save_for_backward(u, dt, pre if delta_softplus else None, A, Bm, Cm, Dv, z, h_saved)
-            ctx.has_D, ctx.has_bias, ctx.segment = D is not None, delta_bias is not None, segment
+            bias = delta_bias if delta_bias is not None else u.new_zeros(u.shape[-1])
+            y, h_saved = scan_cpu.scan_forward(u, delta, bias, delta_softplus, A, Bm, Cm, Dv, z, segment)
+            ctx.save_for_backward(u, delta, bias, A, Bm, Cm, Dv, z, h_saved)
+            ctx.has_D, ctx.has_bias, ctx.softplus, ctx.segment = (
+                D is not None, delta_bias is not None, delta_softplus, segment)
         return y
 
     @staticmethod
     def backward(ctx, gout):
-        u, dt, pre, A, Bm, Cm, Dv, z, h_saved = ctx.saved_tensors
+        u, delta, bias, A, Bm, Cm, Dv, z, h_saved = ctx.saved_tensors
         with torch.autocast("cpu", enabled=False):
             gout = gout.to(u.dtype).contiguous()
-            z = None if z is None else z.contiguous()
-            sig_z = None if z is None else torch.sigmoid(z)
-            sig_pre = None if pre is None else torch.sigmoid(pre).contiguous()
             grad_u, grad_delta, grad_z, grad_D, grad_bias, grad_A, grad_B, grad_C = scan_cpu.scan_backward(
-                u, dt, A, Bm, Cm, Dv, z, sig_z, sig_pre, gout, h_saved, ctx.segment)
+                u, delta, bias, ctx.softplus, A, Bm, Cm, Dv, z, gout, h_saved, ctx.segment)
         return (grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D if ctx.has_D else None, grad_z,
                 grad_bias if ctx.has_bias else None, None, None)
 

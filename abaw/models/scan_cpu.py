@@ -5,11 +5,12 @@ small tensor operations per chunk, each a memory-bound pass over (B, S, D, N) bu
 demo size it was 55 % of a training step. A loop compiled once does the same recurrence in one
 pass per direction, with the state in registers and nothing of size (B, L, D, N) in memory.
 
-Only the recurrence is here; what is elementwise over (B, L, D) (softplus, the D skip, the
-``silu(z)`` gate and their gradients) stays in PyTorch, where it is already vectorised::
+Everything elementwise is done in the same loops (softplus of dt, the D skip, the ``silu(z)`` gate
+and their gradients), so a Mamba layer's scan reads its (B, L, D) inputs once per direction and
+PyTorch adds no passes of its own::
 
-    forward   h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t          (D, N) per (b, t)
-              y_t = sum_n C_t h_t                               -> (B, L, D)
+    forward   dt_t = softplus(delta_t + bias);  h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t   (D, N)
+              y_t = (sum_n C_t h_t + D u_t) silu(z_t)                                   -> (B, L, D)
     backward  lambda_t = gy_t C_t + exp(dt_{t+1} A) lambda_{t+1}    (dLoss/dh_t)
               lamB_t = sum_n lambda_t B_t;  wA_t = sum_n A lambda_t a_t h_{t-1}
               dA = sum_{b,t} dt_t lambda_t a_t h_{t-1};  dB_t = sum_d lambda_t dt_t u_t;
@@ -21,9 +22,11 @@ one segment at a time from the states that the forward saved at segment starts (
 checkpointing), so memory stays O(B L (D + N)) plus (B, L/seg, D, N).
 
 ``exp`` is :func:`exp_nonpos`, a Cephes-style polynomial (max relative error about 1.2e-7,
-one ulp, over [-87, 0]) that the compiler can vectorise over the state dimension, where a call
-to the C library's ``expf`` cannot be; its arguments ``dt * A`` are never positive, because
-dt >= 0 and A = -exp(A_log) < 0. Below -87 it returns 0 (expf gives a denormal there).
+one ulp, over [-87, 0]) that the compiler can vectorise over the channels, where a call to the C
+library's ``expf`` cannot be; its arguments ``dt * A`` are never positive, because dt >= 0 and
+A = -exp(A_log) < 0. Below -87 it returns 0 (expf gives a denormal there). :func:`sigmoid` and
+:func:`softplus` are built on it (softplus' log1p as an atanh series), within a few ulps of
+PyTorch's (tests/test_mamba.py).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ try:
 except ImportError:  # numba is a dependency; without it mamba.py keeps the pure-PyTorch scan
     numba = None
 
-__all__ = ["available", "scan_forward", "scan_backward"]
+__all__ = ["available", "scan_forward", "scan_backward", "exp_nonpos", "sigmoid", "softplus"]
 
 # fastmath without 'nnan'/'ninf': a diverging run must still produce NaN for the trainer to see.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
@@ -79,11 +82,53 @@ if numba is not None:
         e = p * _f32_from_bits((k + np.int32(127)) << np.int32(23))
         return e if x >= np.float32(-87.0) else np.float32(0.0)
 
-    # Layout inside the kernels: channels d innermost, (N, d) per item, so that the inner loops
-    # run over the item's channels (64..512 of them) and vectorise; N (4..16) would be too short.
+    @njit(fastmath=_FASTMATH, inline="always", cache=True)
+    def sigmoid(x):
+        """1 / (1 + exp(-x)), from exp of -|x| <= 0 only, so nothing overflows."""
+        e = exp_nonpos(-abs(x))
+        return np.float32(1.0) / (np.float32(1.0) + e) if x >= 0 else e / (np.float32(1.0) + e)
+
+    @njit(fastmath=_FASTMATH, inline="always", cache=True)
+    def softplus(x):
+        """log(1 + exp(x)) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]. log1p(e) is
+        2 atanh(s) = 2 (s + s^3/3 + ... + s^15/15), s = e / (2 + e) <= 1/3: the series' rest is
+        below 2e-8 relative, and it has no cancellation for tiny e (where log1p(e) ~ e)."""
+        e = exp_nonpos(-abs(x))
+        s = e / (np.float32(2.0) + e)
+        s2 = s * s
+        q = np.float32(1.0 / 15.0)
+        q = q * s2 + np.float32(1.0 / 13.0)
+        q = q * s2 + np.float32(1.0 / 11.0)
+        q = q * s2 + np.float32(1.0 / 9.0)
+        q = q * s2 + np.float32(1.0 / 7.0)
+        q = q * s2 + np.float32(1.0 / 5.0)
+        q = q * s2 + np.float32(1.0 / 3.0)
+        return max(x, np.float32(0.0)) + np.float32(2.0) * (s + s * s2 * q)
+
+    @njit(inline="always", cache=True)
+    def _block(At, d0, nd):
+        """A contiguous copy of At[:, d0:d0 + nd]."""
+        at = np.empty((At.shape[0], nd), dtype=np.float32)
+        for n in range(At.shape[0]):
+            for j in range(nd):
+                at[n, j] = At[n, d0 + j]
+        return at
+
+    @njit(fastmath=_FASTMATH, inline="always", cache=True)
+    def _load_dt(delta_t, bias, softplus_dt, dtv):
+        """dtv[:] = softplus(delta_t + bias) (or delta_t + bias): this item's dt at one frame."""
+        for j in range(dtv.shape[0]):
+            v = delta_t[j] + bias[j]
+            dtv[j] = softplus(v) if softplus_dt else v
+
+    # Layout inside the kernels: channels innermost, (N, nd) per item, so that the inner loops run
+    # over the item's nd channels (64..512) and vectorise; N (4..16) would be too short a loop.
+    # Every (B, L, D) array is read through its item's row slice x[b, t, d0:d0 + nd], indexed by
+    # j alone: x[b, t, d0 + j] compiles to per-lane loads, each with a check for a negative index,
+    # because the compiler cannot prove d0 + j >= 0 (this made the backward 2.5x slower).
     @njit(fastmath=_FASTMATH, parallel=True, cache=True)
-    def _forward_items(n_blocks, seg, u, dt, At, Bm, Cm, Dv, gate, has_gate, y, h_saved):
-        """All items: y = (sum_n C h + D u) * gate (B, L, D) (gate = silu(z) when has_gate);
+    def _forward_items(n_blocks, seg, u, delta, bias, softplus_dt, At, Bm, Cm, Dv, z, has_gate, y, h_saved):
+        """All items: y = (sum_n C h + D u) * silu(z) (B, L, D), with dt = softplus(delta + bias);
         h_saved[b, s] = (N, D) state before segment s."""
         seqlen, dim = u.shape[1], u.shape[2]
         nst = At.shape[0]
@@ -92,6 +137,8 @@ if numba is not None:
             b = item // n_blocks
             d0 = (item % n_blocks) * width
             nd = max(0, min(dim, d0 + width) - d0)
+            at = _block(At, d0, nd)  # (N, nd)
+            dv, bv = Dv[d0:d0 + nd], bias[d0:d0 + nd]
             h = np.zeros((nst, nd), dtype=np.float32)  # state of this item's channels
             dtv = np.empty(nd, dtype=np.float32)
             dtu = np.empty(nd, dtype=np.float32)
@@ -99,30 +146,34 @@ if numba is not None:
             for t in range(seqlen):
                 if t % seg == 0:
                     h_saved[b, t // seg, :, d0:d0 + nd] = h
+                ut = u[b, t, d0:d0 + nd]
+                _load_dt(delta[b, t, d0:d0 + nd], bv, softplus_dt, dtv)
                 for j in range(nd):
-                    dtv[j] = dt[b, t, d0 + j]
-                    dtu[j] = dtv[j] * u[b, t, d0 + j]
+                    dtu[j] = dtv[j] * ut[j]
                     acc[j] = 0.0
                 for n in range(nst):
                     bn = Bm[b, t, n]
                     cn = Cm[b, t, n]
                     for j in range(nd):
-                        hv = exp_nonpos(dtv[j] * At[n, d0 + j]) * h[n, j] + dtu[j] * bn
+                        hv = exp_nonpos(dtv[j] * at[n, j]) * h[n, j] + dtu[j] * bn
                         h[n, j] = hv
                         acc[j] += hv * cn
-                for j in range(nd):
-                    out = acc[j] + Dv[d0 + j] * u[b, t, d0 + j]
-                    y[b, t, d0 + j] = out * gate[b, t, d0 + j] if has_gate else out
+                yt = y[b, t, d0:d0 + nd]
+                if has_gate:
+                    zt = z[b, t, d0:d0 + nd]
+                    for j in range(nd):
+                        yt[j] = (acc[j] + dv[j] * ut[j]) * (zt[j] * sigmoid(zt[j]))
+                else:
+                    for j in range(nd):
+                        yt[j] = acc[j] + dv[j] * ut[j]
 
     @njit(fastmath=_FASTMATH, parallel=True, cache=True)
-    def _backward_items(n_blocks, seg, u, dt, At, Bm, Cm, Dv, z, sig_z, has_gate, sig_pre,
-                        softplus, gout, h_saved, grad_u, grad_dt, grad_z, grad_D, grad_bias,
-                        grad_A, grad_B, grad_C):
+    def _backward_items(n_blocks, seg, u, delta, bias, softplus_dt, At, Bm, Cm, Dv, z, has_gate, gout,
+                        h_saved, grad_u, grad_delta, grad_z, grad_D, grad_bias, grad_A, grad_B, grad_C):
         """All items of the reverse scan, with the gate's, the D skip's and softplus' gradients.
 
-        Writes grad_u, grad_dt (w.r.t. delta when softplus: times sigmoid(pre) = sig_pre) and
-        grad_z (B, L, D); per batch row the partial sums grad_D, grad_bias (B, D) and grad_A
-        (B, N, D); per channel block grad_B, grad_C (n_blocks, B, L, N)."""
+        Writes grad_u, grad_delta and grad_z (B, L, D); per batch row the partial sums grad_D,
+        grad_bias (B, D) and grad_A (B, N, D); per channel block grad_B, grad_C (n_blocks, B, L, N)."""
         seqlen, dim = u.shape[1], u.shape[2]
         nst = At.shape[0]
         width = (dim + n_blocks - 1) // n_blocks
@@ -132,15 +183,18 @@ if numba is not None:
             blk = item % n_blocks
             d0 = blk * width
             nd = max(0, min(dim, d0 + width) - d0)
+            at = _block(At, d0, nd)  # (N, nd)
+            dv, bv = Dv[d0:d0 + nd], bias[d0:d0 + nd]
+            dts = np.empty((seg, nd), dtype=np.float32)  # this segment's dt
             decay = np.empty((seg, nst, nd), dtype=np.float32)
             states = np.empty((seg + 1, nst, nd), dtype=np.float32)  # states[i + 1]: h at s0 + i
             nu = np.zeros((nst, nd), dtype=np.float32)  # a_{t+1} lambda_{t+1}; 0 after the end
             ga = np.zeros((nst, nd), dtype=np.float32)  # this item's share of grad_A
             gd = np.zeros(nd, dtype=np.float32)  # ... of grad_D
             gbias = np.zeros(nd, dtype=np.float32)  # ... of grad_bias
-            dtv = np.empty(nd, dtype=np.float32)
             dtu = np.empty(nd, dtype=np.float32)
             g = np.empty(nd, dtype=np.float32)
+            sz = np.empty(nd, dtype=np.float32)  # sigmoid(z)
             acc_y = np.empty(nd, dtype=np.float32)  # sum_n C h: the gate's gradient needs it
             acc_lb = np.empty(nd, dtype=np.float32)
             acc_wa = np.empty(nd, dtype=np.float32)
@@ -148,28 +202,34 @@ if numba is not None:
                 s0 = s * seg
                 s1 = min(seqlen, s0 + seg)
                 states[0] = h_saved[b, s, :, d0:d0 + nd]
-                for t in range(s0, s1):  # recompute this segment's decays and states
+                for t in range(s0, s1):  # recompute this segment's dt, decays and states
                     i = t - s0
-                    for j in range(nd):
-                        dtv[j] = dt[b, t, d0 + j]
-                        dtu[j] = dtv[j] * u[b, t, d0 + j]
+                    ut = u[b, t, d0:d0 + nd]
+                    dtv = dts[i]
+                    _load_dt(delta[b, t, d0:d0 + nd], bv, softplus_dt, dtv)
                     for n in range(nst):
                         bn = Bm[b, t, n]
                         for j in range(nd):
-                            a = exp_nonpos(dtv[j] * At[n, d0 + j])
+                            a = exp_nonpos(dtv[j] * at[n, j])
                             decay[i, n, j] = a
-                            states[i + 1, n, j] = a * states[i, n, j] + dtu[j] * bn
+                            states[i + 1, n, j] = a * states[i, n, j] + dtv[j] * ut[j] * bn
                 for t in range(s1 - 1, s0 - 1, -1):
                     i = t - s0
+                    ut, got = u[b, t, d0:d0 + nd], gout[b, t, d0:d0 + nd]
+                    dtv = dts[i]
+                    zt = z[b, t, d0:d0 + nd]
                     for j in range(nd):
-                        dtv[j] = dt[b, t, d0 + j]
-                        dtu[j] = dtv[j] * u[b, t, d0 + j]
-                        go = gout[b, t, d0 + j]
-                        # gradient w.r.t. y + D u: through the gate silu(z) = z sigmoid(z)
-                        g[j] = go * z[b, t, d0 + j] * sig_z[b, t, d0 + j] if has_gate else go
+                        dtu[j] = dtv[j] * ut[j]
                         acc_y[j] = 0.0
                         acc_lb[j] = 0.0
                         acc_wa[j] = 0.0
+                    if has_gate:  # gradient w.r.t. y + D u: through the gate silu(z) = z sigmoid(z)
+                        for j in range(nd):
+                            sz[j] = sigmoid(zt[j])
+                            g[j] = got[j] * zt[j] * sz[j]
+                    else:
+                        for j in range(nd):
+                            g[j] = got[j]
                     for n in range(nst):
                         bn = Bm[b, t, n]
                         cn = Cm[b, t, n]
@@ -184,26 +244,27 @@ if numba is not None:
                             acc_lb[j] += lam * bn
                             a = decay[i, n, j]
                             w = lam * a * states[i, n, j]
-                            acc_wa[j] += At[n, d0 + j] * w
+                            acc_wa[j] += at[n, j] * w
                             ga[n, j] += dtv[j] * w
                             nu[n, j] = a * lam
                         grad_B[blk, b, t, n] = sum_ldu
                         grad_C[blk, b, t, n] = sum_gh
+                    gu, gdt = grad_u[b, t, d0:d0 + nd], grad_delta[b, t, d0:d0 + nd]
+                    if has_gate:  # d silu(z)/dz = sig * (1 + z * (1 - sig))
+                        gz = grad_z[b, t, d0:d0 + nd]
+                        for j in range(nd):
+                            yv = acc_y[j] + dv[j] * ut[j]
+                            gz[j] = got[j] * yv * sz[j] * (np.float32(1.0) + zt[j] * (np.float32(1.0) - sz[j]))
                     for j in range(nd):
-                        d = d0 + j
-                        uv = u[b, t, d]
-                        if has_gate:  # d silu(z)/dz = sig * (1 + z * (1 - sig))
-                            sz = sig_z[b, t, d]
-                            zv = z[b, t, d]
-                            yv = acc_y[j] + Dv[d] * uv
-                            grad_z[b, t, d] = gout[b, t, d] * yv * sz * (np.float32(1.0) + zv * (np.float32(1.0) - sz))
-                        grad_u[b, t, d] = dtv[j] * acc_lb[j] + g[j] * Dv[d]
-                        gd[j] += g[j] * uv
-                        gdt = uv * acc_lb[j] + acc_wa[j]  # dLoss/d dt = u sum_n lambda B + sum_n A w
-                        if softplus:
-                            gdt *= sig_pre[b, t, d]  # softplus' = sigmoid
-                        grad_dt[b, t, d] = gdt
-                        gbias[j] += gdt
+                        gu[j] = dtv[j] * acc_lb[j] + g[j] * dv[j]
+                        gd[j] += g[j] * ut[j]
+                        gdt[j] = ut[j] * acc_lb[j] + acc_wa[j]  # dLoss/d dt = u sum_n lambda B + sum_n A w
+                    if softplus_dt:  # softplus' = sigmoid
+                        dt_raw = delta[b, t, d0:d0 + nd]
+                        for j in range(nd):
+                            gdt[j] *= sigmoid(dt_raw[j] + bv[j])
+                    for j in range(nd):
+                        gbias[j] += gdt[j]
             grad_A[b, :, d0:d0 + nd] = ga
             grad_D[b, d0:d0 + nd] = gd
             grad_bias[b, d0:d0 + nd] = gbias
@@ -247,39 +308,36 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def scan_forward(u, dt, A, Bm, Cm, D, gate, seg: int):
-    """y = (sum_n C h + D u) * gate (B, L, D) and the states before each segment (B, L/seg, N, D).
+def scan_forward(u, delta, bias, softplus_dt: bool, A, Bm, Cm, D, z, seg: int):
+    """y = (sum_n C h + D u) * silu(z) (B, L, D), dt = softplus(delta + bias) (or delta + bias),
+    and the states before each segment (B, L/seg, N, D).
 
-    u, dt, gate (B, L, D), A (D, N), Bm, Cm (B, L, N), D (D,): contiguous float32 CPU tensors;
-    gate (silu(z)) may be None.
+    u, delta, z (B, L, D), A (D, N), Bm, Cm (B, L, N), bias, D (D,): float32 CPU tensors, unit
+    stride along the last dim (z may be a view into a wider tensor); z may be None (no gate).
     """
     bsz, seqlen, dim = u.shape
     n_blocks = _n_blocks(bsz, dim)
-    y = torch.empty_like(u)
+    y = torch.empty(u.shape, dtype=u.dtype)
     h_saved = u.new_empty(bsz, -(-seqlen // seg), A.shape[1], dim)
-    run_parallel(_forward_items, n_blocks, seg, _np(u), _np(dt), _np(A.t().contiguous()), _np(Bm),
-                 _np(Cm), _np(D), _np(u if gate is None else gate), gate is not None, _np(y), _np(h_saved))
+    run_parallel(_forward_items, n_blocks, seg, _np(u), _np(delta), _np(bias), softplus_dt, _np(A.t().contiguous()),
+                 _np(Bm), _np(Cm), _np(D), _np(u if z is None else z), z is not None, _np(y), _np(h_saved))
     return y, h_saved
 
 
-def scan_backward(u, dt, A, Bm, Cm, D, z, sig_z, sig_pre, gout, h_saved, seg: int):
-    """Gradients (u, dt-or-delta, z, D, delta_bias, A, B, C) of :func:`scan_forward`'s output
-    for the upstream gradient gout (B, L, D).
-
-    z, sig_z = sigmoid(z): the gate's input, or both None. sig_pre = sigmoid(delta + bias) when
-    dt = softplus(delta + bias), else None; then the dt gradient is w.r.t. delta.
-    """
+def scan_backward(u, delta, bias, softplus_dt: bool, A, Bm, Cm, D, z, gout, h_saved, seg: int):
+    """Gradients (u, delta, z, D, bias, A, B, C) of :func:`scan_forward`'s output for the upstream
+    gradient gout (B, L, D); grad z is None when z is."""
     bsz, seqlen, dim = u.shape
     n_blocks = _n_blocks(bsz, dim)
-    grad_u, grad_dt, grad_z = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
+    grad_u, grad_delta = torch.empty(u.shape), torch.empty(u.shape)
+    grad_z = torch.empty(u.shape) if z is not None else None
     grad_D, grad_bias = u.new_empty(bsz, dim), u.new_empty(bsz, dim)
     grad_A = u.new_empty(bsz, A.shape[1], A.shape[0])  # (B, N, D)
     grad_B = u.new_empty(n_blocks, *Bm.shape)
     grad_C = u.new_empty(n_blocks, *Cm.shape)
-    run_parallel(_backward_items, n_blocks, seg, _np(u), _np(dt), _np(A.t().contiguous()), _np(Bm),
-                 _np(Cm), _np(D), _np(u if z is None else z), _np(u if sig_z is None else sig_z), z is not None,
-                 _np(u if sig_pre is None else sig_pre), sig_pre is not None, _np(gout), _np(h_saved),
-                 _np(grad_u), _np(grad_dt), _np(grad_z), _np(grad_D), _np(grad_bias), _np(grad_A),
-                 _np(grad_B), _np(grad_C))
-    return (grad_u, grad_dt, grad_z if z is not None else None, grad_D.sum(0), grad_bias.sum(0),
-            grad_A.sum(0).t(), grad_B.sum(0), grad_C.sum(0))
+    run_parallel(_backward_items, n_blocks, seg, _np(u), _np(delta), _np(bias), softplus_dt, _np(A.t().contiguous()),
+                 _np(Bm), _np(Cm), _np(D), _np(u if z is None else z), z is not None, _np(gout), _np(h_saved),
+                 _np(grad_u), _np(grad_delta), _np(u if grad_z is None else grad_z), _np(grad_D), _np(grad_bias),
+                 _np(grad_A), _np(grad_B), _np(grad_C))
+    return (grad_u, grad_delta, grad_z, grad_D.sum(0), grad_bias.sum(0), grad_A.sum(0).t(), grad_B.sum(0),
+            grad_C.sum(0))
