@@ -40,7 +40,7 @@ def fused_available(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 
 if njit is not None:
 
-    @njit(inline="always", cache=True)
+    @njit(inline="always", error_model="numpy", cache=True)
     def _keep(seed, i, threshold):
         """Counter-based Bernoulli draw: splitmix64(seed + (i + 1) * golden) >> 40 >= threshold."""
         z = seed + uint64(i + 1) * uint64(0x9E3779B97F4A7C15)
@@ -49,7 +49,7 @@ if njit is not None:
         z = z ^ (z >> uint64(31))
         return (z >> uint64(40)) >= threshold
 
-    @njit(parallel=True, fastmath={"contract"}, cache=True)
+    @njit(parallel=True, fastmath={"contract"}, error_model="numpy", cache=True)
     def _forward(x, out, slope, seed, threshold, scale, use_mask):
         n = x.size
         for c in prange((n + _CHUNK - 1) // _CHUNK):
@@ -60,7 +60,7 @@ if njit is not None:
                     y = y * scale if _keep(seed, i, threshold) else np.float32(0.0)
                 out[i] = y
 
-    @njit(parallel=True, fastmath={"contract", "reassoc"}, cache=True)
+    @njit(parallel=True, fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
     def _backward(x, g, grad_x, grad_w_parts, slope, seed, threshold, scale, use_mask):
         n = x.size
         for c in prange((n + _CHUNK - 1) // _CHUNK):

@@ -34,7 +34,7 @@ def fused_available(x: torch.Tensor) -> bool:
 if njit is not None:
     _sigmoid = scan_cpu.sigmoid
 
-    @njit(fastmath=_FASTMATH, inline="always", cache=True)
+    @njit(fastmath=_FASTMATH, inline="always", error_model="numpy", cache=True)
     def _pre(x, wt, bias, b, t, acc):
         """acc[:] = pre[b, t, :] (loops over d innermost, so they vectorise)."""
         width, dim = wt.shape
@@ -45,7 +45,7 @@ if njit is not None:
             for d in range(dim):
                 acc[d] += wt[k, d] * x[b, s, d]
 
-    @njit(fastmath=_FASTMATH, parallel=True, cache=True)
+    @njit(fastmath=_FASTMATH, parallel=True, error_model="numpy", cache=True)
     def _forward(x, wt, bias, out):
         bsz, seqlen, dim = x.shape
         n_blocks = (seqlen + _FRAMES - 1) // _FRAMES
@@ -58,7 +58,7 @@ if njit is not None:
                 for d in range(dim):
                     out[b, t, d] = acc[d] * _sigmoid(acc[d])
 
-    @njit(fastmath=_FASTMATH, parallel=True, cache=True)
+    @njit(fastmath=_FASTMATH, parallel=True, error_model="numpy", cache=True)
     def _backward(x, wt, bias, g, grad_pre, grad_x, grad_w, grad_b):
         """grad_w (B, K, D), grad_b (B, D): partial sums per batch row."""
         bsz, seqlen, dim = x.shape

@@ -45,6 +45,9 @@ except ImportError:  # numba is a dependency; without it mamba.py keeps the pure
 __all__ = ["available", "scan_forward", "scan_backward", "exp_nonpos", "sigmoid", "softplus"]
 
 # fastmath without 'nnan'/'ninf': a diverging run must still produce NaN for the trainer to see.
+# Every kernel also compiles with error_model="numpy": under numba's default ("python") each
+# division checks for zero to raise ZeroDivisionError, and that branch alone kept the sigmoid and
+# softplus loops from vectorising (5-9 ns an element instead of 1-1.5).
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
 # Per-item workspace of the backward (states and decays of one segment) kept near L2's size.
 _SEGMENT_ELEMS = 2**15
@@ -65,7 +68,7 @@ if numba is not None:
             return builder.bitcast(args[0], context.get_value_type(types.float32))
         return types.float32(types.int32), codegen
 
-    @njit(fastmath=_FASTMATH, inline="always", cache=True)
+    @njit(fastmath=_FASTMATH, inline="always", error_model="numpy", cache=True)
     def exp_nonpos(x):
         """exp(x) for float32 x <= 0 (Cephes expf: 2**k * p(r), |r| <= ln2/2), 0 below -87."""
         xc = max(x, np.float32(-87.0))
@@ -82,13 +85,14 @@ if numba is not None:
         e = p * _f32_from_bits((k + np.int32(127)) << np.int32(23))
         return e if x >= np.float32(-87.0) else np.float32(0.0)
 
-    @njit(fastmath=_FASTMATH, inline="always", cache=True)
+    @njit(fastmath=_FASTMATH, inline="always", error_model="numpy", cache=True)
     def sigmoid(x):
         """1 / (1 + exp(-x)), from exp of -|x| <= 0 only, so nothing overflows."""
         e = exp_nonpos(-abs(x))
-        return np.float32(1.0) / (np.float32(1.0) + e) if x >= 0 else e / (np.float32(1.0) + e)
+        r = np.float32(1.0) / (np.float32(1.0) + e)
+        return r if x >= 0 else e * r  # one division, then a select: the loops stay vectorised
 
-    @njit(fastmath=_FASTMATH, inline="always", cache=True)
+    @njit(fastmath=_FASTMATH, inline="always", error_model="numpy", cache=True)
     def softplus(x):
         """log(1 + exp(x)) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]. log1p(e) is
         2 atanh(s) = 2 (s + s^3/3 + ... + s^15/15), s = e / (2 + e) <= 1/3: the series' rest is
@@ -105,7 +109,7 @@ if numba is not None:
         q = q * s2 + np.float32(1.0 / 3.0)
         return max(x, np.float32(0.0)) + np.float32(2.0) * (s + s * s2 * q)
 
-    @njit(inline="always", cache=True)
+    @njit(inline="always", error_model="numpy", cache=True)
     def _block(At, d0, nd):
         """A contiguous copy of At[:, d0:d0 + nd]."""
         at = np.empty((At.shape[0], nd), dtype=np.float32)
@@ -114,19 +118,26 @@ if numba is not None:
                 at[n, j] = At[n, d0 + j]
         return at
 
-    @njit(fastmath=_FASTMATH, inline="always", cache=True)
+    @njit(fastmath=_FASTMATH, inline="always", error_model="numpy", cache=True)
     def _load_dt(delta_t, bias, softplus_dt, dtv):
         """dtv[:] = softplus(delta_t + bias) (or delta_t + bias): this item's dt at one frame."""
         for j in range(dtv.shape[0]):
             v = delta_t[j] + bias[j]
             dtv[j] = softplus(v) if softplus_dt else v
 
+    @njit(inline="always", error_model="numpy", cache=True)
+    def _load(src, dst):
+        """dst[:] = src. z is often a strided view into in_proj's output; a loop that reads it
+        directly does not vectorise, so it is copied to a contiguous buffer first."""
+        for j in range(dst.shape[0]):
+            dst[j] = src[j]
+
     # Layout inside the kernels: channels innermost, (N, nd) per item, so that the inner loops run
     # over the item's nd channels (64..512) and vectorise; N (4..16) would be too short a loop.
     # Every (B, L, D) array is read through its item's row slice x[b, t, d0:d0 + nd], indexed by
     # j alone: x[b, t, d0 + j] compiles to per-lane loads, each with a check for a negative index,
     # because the compiler cannot prove d0 + j >= 0 (this made the backward 2.5x slower).
-    @njit(fastmath=_FASTMATH, parallel=True, cache=True)
+    @njit(fastmath=_FASTMATH, parallel=True, error_model="numpy", cache=True)
     def _forward_items(n_blocks, seg, u, delta, bias, softplus_dt, At, Bm, Cm, Dv, z, has_gate, y, h_saved):
         """All items: y = (sum_n C h + D u) * silu(z) (B, L, D), with dt = softplus(delta + bias);
         h_saved[b, s] = (N, D) state before segment s."""
@@ -143,6 +154,7 @@ if numba is not None:
             dtv = np.empty(nd, dtype=np.float32)
             dtu = np.empty(nd, dtype=np.float32)
             acc = np.empty(nd, dtype=np.float32)
+            zl = np.empty(nd, dtype=np.float32)
             for t in range(seqlen):
                 if t % seg == 0:
                     h_saved[b, t // seg, :, d0:d0 + nd] = h
@@ -160,14 +172,14 @@ if numba is not None:
                         acc[j] += hv * cn
                 yt = y[b, t, d0:d0 + nd]
                 if has_gate:
-                    zt = z[b, t, d0:d0 + nd]
+                    _load(z[b, t, d0:d0 + nd], zl)
                     for j in range(nd):
-                        yt[j] = (acc[j] + dv[j] * ut[j]) * (zt[j] * sigmoid(zt[j]))
+                        yt[j] = (acc[j] + dv[j] * ut[j]) * (zl[j] * sigmoid(zl[j]))
                 else:
                     for j in range(nd):
                         yt[j] = acc[j] + dv[j] * ut[j]
 
-    @njit(fastmath=_FASTMATH, parallel=True, cache=True)
+    @njit(fastmath=_FASTMATH, parallel=True, error_model="numpy", cache=True)
     def _backward_items(n_blocks, seg, u, delta, bias, softplus_dt, At, Bm, Cm, Dv, z, has_gate, gout,
                         h_saved, grad_u, grad_delta, grad_z, grad_D, grad_bias, grad_A, grad_B, grad_C):
         """All items of the reverse scan, with the gate's, the D skip's and softplus' gradients.
@@ -195,6 +207,7 @@ if numba is not None:
             dtu = np.empty(nd, dtype=np.float32)
             g = np.empty(nd, dtype=np.float32)
             sz = np.empty(nd, dtype=np.float32)  # sigmoid(z)
+            zl = np.empty(nd, dtype=np.float32)
             acc_y = np.empty(nd, dtype=np.float32)  # sum_n C h: the gate's gradient needs it
             acc_lb = np.empty(nd, dtype=np.float32)
             acc_wa = np.empty(nd, dtype=np.float32)
@@ -217,7 +230,9 @@ if numba is not None:
                     i = t - s0
                     ut, got = u[b, t, d0:d0 + nd], gout[b, t, d0:d0 + nd]
                     dtv = dts[i]
-                    zt = z[b, t, d0:d0 + nd]
+                    zt = zl
+                    if has_gate:
+                        _load(z[b, t, d0:d0 + nd], zl)
                     for j in range(nd):
                         dtu[j] = dtv[j] * ut[j]
                         acc_y[j] = 0.0
