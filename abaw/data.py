@@ -26,6 +26,7 @@ and ``load_dataset(scan_values=True)`` (``run_cv.py --check``) scans every file 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -255,15 +256,51 @@ class VideoRecord:
     n_frames: int
     labels: np.ndarray | None
     feature_paths: dict[str, Path] = field(default_factory=dict)
+    # Read once, used by every window: each .npy header (np.load re-parsed it on every window, 0.2 ms
+    # of a 0.5 ms window read) and the label mask, kept with the labels array it was computed from.
+    _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _mask: tuple = field(default=(None, None), init=False, repr=False, compare=False)
 
     @property
     def label_mask(self) -> np.ndarray:
         if self.labels is None:
             return np.zeros(self.n_frames, bool)
-        return valid_label_mask(self.labels)
+        labels, mask = self._mask
+        if labels is not self.labels:
+            mask = valid_label_mask(self.labels)
+            mask.flags.writeable = False  # shared by every caller
+            self._mask = (self.labels, mask)
+        return mask
 
     def _memmap(self, modality: str) -> np.ndarray:
         return np.load(self.feature_paths[modality], mmap_mode="r")
+
+    def _layout(self, modality: str) -> NpyLayout | None:
+        if modality not in self._layouts:
+            self._layouts[modality] = npy_layout(self.feature_paths[modality])
+        return self._layouts[modality]
+
+    def _n_rows(self, modality: str) -> int:
+        layout = self._layout(modality)
+        return layout.rows if layout is not None else len(self._memmap(modality))
+
+    def _rows(self, modality: str, rows: np.ndarray) -> np.ndarray:
+        """File rows ``rows`` (sorted, within the file) of one modality, as stored (dtype and all).
+
+        One read of the rows' span at the offset the cached header gives; files np.load alone can
+        read (Fortran order, format 3.0) go through a memory map."""
+        path, layout = self.feature_paths[modality], self._layout(modality)
+        if layout is None or len(rows) == 0:
+            return self._memmap(modality)[rows]
+        first, last = int(rows[0]), int(rows[-1])
+        block = np.empty((last + 1 - first, layout.dim), layout.dtype)
+        with open(path, "rb", buffering=0) as file:
+            file.seek(layout.offset + first * block.strides[0])
+            got = file.readinto(block)
+        if got != block.nbytes:
+            raise DataError([Problem(path, f"file ends inside row {first + got // block.strides[0]}: it is shorter "
+                                           f"than its header's {layout.rows} rows (truncated or being rewritten?)")])
+        return block if len(rows) == len(block) else block[rows - first]
 
     def features(self, modality: str, start: int = 0, stop: int | None = None,
                  step: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -273,9 +310,8 @@ class VideoRecord:
         NaN rows (no face / no feature) come back zero-filled with presence False.
         """
         stop = self.n_frames if stop is None else stop
-        array = self._memmap(modality)
-        rows = np.clip(np.arange(start, stop, step), 0, len(array) - 1)
-        raw = array[rows]
+        rows = np.clip(np.arange(start, stop, step), 0, self._n_rows(modality) - 1)
+        raw = self._rows(modality, rows)
         with np.errstate(over="ignore"):  # a float64 beyond float32 is checked (and named) on ``raw``
             window = np.asarray(raw, dtype=np.float32)
         values = checkable(raw, window)
@@ -284,6 +320,31 @@ class VideoRecord:
         present = ~np.isnan(window).any(axis=1)
         window[~present] = 0.0
         return window, present
+
+
+@dataclass(frozen=True)
+class NpyLayout:
+    """Where the rows of a 2-D C-order .npy file lie: ``rows`` x ``dim`` values of ``dtype`` from ``offset``."""
+
+    offset: int
+    dtype: np.dtype
+    rows: int
+    dim: int
+
+
+def npy_layout(path: Path) -> NpyLayout | None:
+    """The layout from an .npy file's header; None for what np.load alone should read (not 2-D, Fortran
+    order, or a header version other than 1.0/2.0)."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with open(path, "rb") as file:
+        reader = readers.get(np.lib.format.read_magic(file))
+        if reader is None:
+            return None
+        shape, fortran_order, dtype = reader(file)
+        offset = file.tell()
+    if fortran_order or len(shape) != 2 or dtype.hasobject:
+        return None
+    return NpyLayout(offset, dtype, shape[0], shape[1])
 
 
 def checkable(raw: np.ndarray, as_float32: np.ndarray | None = None) -> np.ndarray:

@@ -172,13 +172,70 @@ def test_nan_rows_are_zero_filled_and_masked(tiny_root):
     assert np.all(feats[2:5] == 0)
 
 
-def test_features_are_memory_mapped(tiny_root, monkeypatch):
+def test_features_read_only_the_window(tiny_root, monkeypatch):
+    """A window costs one read of its own rows (the header is parsed once per file), never the file."""
+    import abaw.data as data_mod
+
     record = open_dataset(tiny_root).videos["a"]
-    loads = []
+    whole = np.load(record.feature_paths["visual"])
+    loads, reads = [], []
     real_load = np.load
     monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k.get("mmap_mode")) or real_load(*a, **k))
-    record.features("visual", 0, 5)
-    assert loads == ["r"]
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.file = open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def readinto(self, buffer):
+            reads.append(memoryview(buffer).nbytes)
+            return self.file.readinto(buffer)
+
+    monkeypatch.setattr(data_mod, "open", Spy, raising=False)
+    for start in (0, 7, 15):
+        window, present = record.features("visual", start, start + 5)
+        np.testing.assert_array_equal(window, np.nan_to_num(whole[start:start + 5], nan=0.0))
+    assert set(loads) <= {"r"}
+    assert reads == [5 * whole.shape[1] * whole.itemsize] * 3
+
+
+@pytest.mark.parametrize("kind", ["float16", "fortran", "past_end"])
+def test_features_other_layouts_read_the_same(tiny_root, kind):
+    """float16 files, Fortran-order files (read through a memory map) and rows past the file's end
+    (the last row carried) give what np.load would."""
+    path = tiny_root / "features" / "visual" / "a.npy"
+    values = np.load(path)
+    if kind == "float16":
+        np.save(path, values.astype(np.float16))
+    elif kind == "fortran":
+        np.save(path, np.asfortranarray(values))
+    record = open_dataset(tiny_root).videos["a"]
+    stored = np.load(path)
+    start, stop = (14, 22) if kind == "past_end" else (3, 11)
+    rows = np.clip(np.arange(start, stop), 0, len(stored) - 1)
+    window, present = record.features("visual", start, stop)
+    np.testing.assert_array_equal(window, np.nan_to_num(stored[rows].astype(np.float32), nan=0.0))
+    np.testing.assert_array_equal(present, ~np.isnan(stored[rows]).any(axis=1))
+    every_other, _ = record.features("visual", 1, 20, step=2)
+    np.testing.assert_array_equal(every_other, np.nan_to_num(stored[1:20:2].astype(np.float32), nan=0.0))
+
+
+def test_features_of_a_file_cut_short_after_opening_name_it(tiny_root):
+    record = open_dataset(tiny_root).videos["a"]
+    path = record.feature_paths["visual"]
+    record.features("visual", 0, 5)  # the header is read and kept
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 4 * 8 * 6])  # six rows of 8 float32 values gone
+    with pytest.raises(DataError, match=r"a\.npy.*shorter than its header"):
+        record.features("visual", 10, 20)
 
 
 def test_open_dataset_raises_with_all_problems(tiny_root):

@@ -234,3 +234,31 @@ def test_model_info_does_not_need_the_model():
     assert info.modalities == ("visual", "audio", "text") and info.causal is False
     assert model_info("leader_follower").modalities == ("visual", "audio")
     assert model_info("mamba_va").causal is True and model_info("mamba_va").config.d_state == 8
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["x_grad", "no_x_grad"])
+def test_causal_conv_cpu_backward_matches_autograd(dilation, input_grad):
+    """The TCN's CPU convolution (its own input gradient, a flipped convolution) gives autograd's
+    output and gradients, for the input and for weight norm's g and v and the bias."""
+    from torch.nn.functional import pad
+
+    from abaw.models.tcn import CausalConv1d
+
+    torch.manual_seed(dilation)
+    conv = CausalConv1d(6, 5, kernel_size=3, dilation=dilation)
+    x = torch.randn(2, 6, 23, requires_grad=input_grad)
+    gy = torch.randn(2, 5, 23)
+    params = [p for p in conv.parameters()]
+    out = conv(x)
+    assert type(out.grad_fn).__name__ == "_CausalConvCPUBackward"
+    wanted = [x] * input_grad + params
+    got = torch.autograd.grad(out, wanted, gy)
+    ref_out = conv.conv(pad(x, (conv.left_pad, 0)))
+    ref = torch.autograd.grad(ref_out, wanted, gy)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    y = out.detach()
+    y2 = conv(x.detach() + torch.cat([torch.zeros(2, 6, 11), torch.randn(2, 6, 12)], -1))
+    assert torch.equal(y[..., :11], y2.detach()[..., :11])  # still causal: frames >= 11 changed nothing before

@@ -47,15 +47,49 @@ def make_activation(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
+class _CausalConvCPU(torch.autograd.Function):
+    """conv1d(pad_left(x), w, b) with a backward that is faster on the CPU than autograd's.
+
+    oneDNN's input gradient of a dilated convolution took twice its forward's time (3.0 against
+    1.5 ms at 16 x 64 x 300, dilation 2, on 2 cores). The input gradient of a causal convolution
+    is itself a causal convolution run backwards in time: the output gradient padded on the right,
+    convolved with the kernel flipped in time and transposed (in <-> out), which oneDNN runs at
+    forward speed. The weight and bias gradients stay oneDNN's. Same math; sums in another order.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dilation: int, left_pad: int):
+        padded = F.pad(x, (left_pad, 0))  # (B, C_in, P + T)
+        ctx.save_for_backward(padded, weight)
+        ctx.dilation, ctx.left_pad, ctx.has_bias = dilation, left_pad, bias is not None
+        return F.conv1d(padded, weight, bias, dilation=dilation)  # (B, C_out, T)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        padded, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # grad_x[t] = sum_k w[k]^T grad_out[t + (K-1-k) d]
+            grad_x = F.conv1d(F.pad(grad_out, (0, ctx.left_pad)), weight.flip(-1).transpose(0, 1),
+                              dilation=ctx.dilation)
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, padded, weight, [weight.shape[0]] if ctx.has_bias else None, [1], [0], [ctx.dilation],
+            False, [0], 1, [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+        return grad_x, grad_w, grad_b, None, None
+
+
 class CausalConv1d(nn.Module):
     """Weight-normalised dilated Conv1d, padded on the left so output t depends on inputs <= t."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, dilation: int):
         super().__init__()
         self.left_pad = (kernel_size - 1) * dilation
+        self.dilation = dilation
         self.conv = weight_norm(nn.Conv1d(c_in, c_out, kernel_size, dilation=dilation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T)
+        if x.device.type == "cpu" and torch.is_grad_enabled() and x.dtype == torch.float32:
+            return _CausalConvCPU.apply(x, self.conv.weight, self.conv.bias, self.dilation, self.left_pad)
         return self.conv(F.pad(x, (self.left_pad, 0)))
 
 
