@@ -38,7 +38,7 @@ from .metrics import ccc_loss, score
 from .models import create_model, is_classical, model_class, model_info
 from .runs import write_predictions
 from .schedules import warmup_cosine
-from .windows import WindowDataset, predict_video
+from .windows import WindowDataset, predict_videos
 
 DROPOUT_FIELDS = {"dropout", "tcn_dropout"}  # what --dropout / the tuned dropout sets, where present
 EpochCallback = Callable[[int, float], None]  # (epoch, validation CCC); may raise to stop (e.g. pruning)
@@ -89,7 +89,7 @@ def build_model(config: RunConfig, arch: str, dataset: Dataset) -> torch.nn.Modu
             overrides.setdefault(name, config.dropout)
     _check_modalities(arch, info, dataset)
     model = create_model(arch, size=config.size, input_dims=input_dims, **overrides)
-    model.presence_channel = config.presence  # read by WindowDataset and predict_video
+    model.presence_channel = config.presence  # read by WindowDataset and predict_videos
     if getattr(model, "out_dim", 2) != 2:
         raise ValueError(f"{arch} predicts {model.out_dim} output(s) (single_target); cross-validation "
                          f"trains joint valence-arousal models")
@@ -132,8 +132,7 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Ada
 
 def evaluate(model, videos: list[VideoRecord], config: RunConfig, device) -> tuple[dict[str, float], dict]:
     """Whole-video predictions of ``videos`` and their CCC over all labelled frames concatenated."""
-    preds = {v.name: predict_video(model, v, config.window, config.hop, device, config.full_sequence_predict)
-             for v in videos}
+    preds = predict_videos(model, videos, config.window, config.hop, device, config.full_sequence_predict)
     return score_videos(preds, videos), preds
 
 

@@ -94,7 +94,6 @@ def _batch(items: list[dict[str, np.ndarray]], modalities, device) -> tuple[dict
     return feats, mask
 
 
-@torch.no_grad()
 def predict_video(model: torch.nn.Module, video: VideoRecord, window: int = DEFAULT_WINDOW,
                   hop: int = DEFAULT_HOP, device: str | torch.device = "cpu", full_sequence: bool = False,
                   batch_size: int = 16) -> np.ndarray:
@@ -105,22 +104,37 @@ def predict_video(model: torch.nn.Module, video: VideoRecord, window: int = DEFA
     (for models that generalise past their training length, e.g. causal TCN/Mamba). A model built
     to read a presence channel (``model.presence_channel``, set by ``abaw.train.build_model``) gets it.
     """
+    return predict_videos(model, [video], window, hop, device, full_sequence, batch_size)[video.name]
+
+
+@torch.no_grad()
+def predict_videos(model: torch.nn.Module, videos: Sequence[VideoRecord], window: int = DEFAULT_WINDOW,
+                   hop: int = DEFAULT_HOP, device: str | torch.device = "cpu", full_sequence: bool = False,
+                   batch_size: int = 64) -> dict[str, np.ndarray]:
+    """:func:`predict_video` for many videos: video name -> (T, 2).
+
+    Windows of different videos share batches, so a validation pass runs in full batches instead
+    of one part-filled batch per video; each window's output is the same as when predicted alone
+    (every model here treats the windows of a batch independently).
+    """
     model.eval()
     modalities = model.modalities
     presence = getattr(model, "presence_channel", False)
-    if full_sequence:
-        window, starts = video.n_frames, [0]
+    if full_sequence:  # one whole video per batch: lengths differ
+        jobs = [(video, 0, video.n_frames) for video in videos]
+        batch_size = 1
     else:
-        starts = window_starts(video.n_frames, window, hop)
-    total = np.zeros((video.n_frames, 2), np.float64)
-    count = np.zeros(video.n_frames, np.float64)
-    for first in range(0, len(starts), batch_size):
-        chunk = starts[first:first + batch_size]
-        items = [read_window(video, modalities, s, window, presence) for s in chunk]
+        jobs = [(video, start, window) for video in videos for start in window_starts(video.n_frames, window, hop)]
+    total = {v.name: np.zeros((v.n_frames, 2), np.float64) for v in videos}
+    count = {v.name: np.zeros(v.n_frames, np.float64) for v in videos}
+    for first in range(0, len(jobs), batch_size):
+        chunk = jobs[first:first + batch_size]
+        length = chunk[0][2]
+        items = [read_window(video, modalities, start, length, presence) for video, start, _ in chunk]
         feats, mask = _batch(items, modalities, device)
-        out = model(feats, mask).float().cpu().numpy()  # (B, window, 2)
-        for start, pred in zip(chunk, out):
-            stop = min(start + window, video.n_frames)
-            total[start:stop] += pred[: stop - start]
-            count[start:stop] += 1
-    return (total / count[:, None]).astype(np.float32)
+        out = model(feats, mask).float().cpu().numpy()  # (B, length, 2)
+        for (video, start, _), pred in zip(chunk, out):
+            stop = min(start + length, video.n_frames)
+            total[video.name][start:stop] += pred[: stop - start]
+            count[video.name][start:stop] += 1
+    return {name: (total[name] / count[name][:, None]).astype(np.float32) for name in total}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from abaw.data import open_dataset
-from abaw.windows import WindowDataset, predict_video, window_starts
+from abaw.windows import WindowDataset, predict_video, predict_videos, window_starts
 
 
 @pytest.mark.parametrize("n", [1, 50, 300, 301, 499, 500, 501, 1234])
@@ -79,3 +79,24 @@ def test_predict_video_gives_a_presence_model_its_channel(tiny_root):
     video = open_dataset(tiny_root).videos["c"]
     pred = predict_video(PresenceEcho(), video, window=8, hop=5)
     assert pred[:10, 0].tolist() == [1.0] * 10 and pred[10:, 0].tolist() == [0.0] * 10
+
+
+@pytest.mark.parametrize("batch_size", [3, 64])
+def test_predict_videos_batches_windows_across_videos_with_the_same_result(tiny_root, batch_size):
+    """Validation pools the windows of all videos into shared batches; every video's prediction is
+    what predicting it alone gives (a real model: the demo-size Mamba-VA, masks and padding included)."""
+    from abaw.models import create_model
+
+    videos = sorted(open_dataset(tiny_root).videos.values(), key=lambda v: v.name)
+    torch.manual_seed(0)
+    model = create_model("mamba_va", size="demo", input_dims={"visual": 8})
+    together = predict_videos(model, videos, window=8, hop=5, batch_size=batch_size)
+    assert set(together) == {v.name for v in videos}
+    for video in videos:
+        alone = predict_video(model, video, window=8, hop=5)
+        assert together[video.name].shape == (video.n_frames, 2)
+        np.testing.assert_allclose(together[video.name], alone, rtol=1e-5, atol=1e-6)
+    long_window = predict_videos(model, videos, window=32, hop=16, batch_size=batch_size)  # every video padded
+    for video in videos:
+        np.testing.assert_allclose(long_window[video.name], predict_video(model, video, window=32, hop=16),
+                                   rtol=1e-5, atol=1e-6)
