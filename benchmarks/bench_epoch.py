@@ -1,7 +1,7 @@
 """One training epoch of mamba_va (demo size) on data shaped like Aff-Wild2, split into its parts.
 
     python benchmarks/bench_epoch.py                      # this checkout, one whole epoch + validation
-    python benchmarks/bench_epoch.py --ref c2df995        # and the same epoch on another git ref, in one run
+    python benchmarks/bench_epoch.py --ref cb720d7        # and the same epoch on another git ref, in one run
     python benchmarks/bench_epoch.py --steps 60           # time 60 batches, extrapolate to the epoch
 
 The dataset (generated once into --cache): 445 labelled videos of 1,000-8,000 frames (mean about
@@ -9,11 +9,13 @@ The dataset (generated once into --cache): 445 labelled videos of 1,000-8,000 fr
 frames, as on Aff-Wild2; one small 2-d visual feature per frame (a new user's first try with a
 cheap feature); no-face stretches and -5 label stretches like the demo's.
 
-For each code version (this checkout, and ``--ref`` checked out into a temporary worktree) a fresh
-process builds fold 0's trainer, then times, per batch: reading the windows (the DataLoader),
-forward, backward (loss included), and the optimizer step; then the validation of the fold's
-videos (whole-video prediction, as the early stopping does). Both versions see the same batches.
-Prints a table and the speed-up of this checkout over the ref.
+For each code version (this checkout, and ``--ref`` checked out into a temporary worktree) a
+process builds fold 0's trainer and runs the first batch (timed apart: one-off costs); then the two
+processes take turns of ``--block`` batches each, so that both see the same drifts of this VM's
+speed (which varies by up to 20 % within minutes). Per batch it times reading the windows (the
+DataLoader), forward, backward (loss included) and the optimizer step; then the validation of the
+fold's videos (whole-video prediction, as the early stopping does). Both versions see the same
+batches. Prints a table and the speed-up of this checkout over the ref.
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ SPEC = dict(n_train=440, n_val=5, n_test=2, min_frames=1000, max_frames=8000, me
             dims=(("visual", 2),))
 
 # Runs inside the measured process, against whichever abaw is first on sys.path.
+# Runs inside a measuring process, against whichever abaw is first on sys.path. It builds fold 0's
+# trainer, runs the first batch, then obeys commands on stdin: "run K" times the next K batches,
+# "validate" times the validation; each answers with one JSON line. Two processes (this checkout and
+# the ref) take turns, so that both see the same drifts of this VM's speed.
 MEASURE = r'''
 import json, sys, time
 import torch
@@ -42,7 +48,7 @@ from abaw.metrics import ccc_loss
 from abaw.train import FoldTrainer, build_model, _param_groups, evaluate
 from abaw.windows import WindowDataset
 
-root, folds_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+root, folds_dir = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 cfg = RunConfig(arch=["mamba_va"], size="demo", folds=5, seed=0)
 dataset = open_dataset(root)
@@ -57,13 +63,10 @@ try:  # the trainer's own optimizer; older code built it inline
     optimizer = make_optimizer(model, cfg)
 except ImportError:
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-parts = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-n = 0
-warmup = None
-model.train()
-tic = time.perf_counter()
-for batch in loader:
-    t0 = time.perf_counter()
+batches = iter(loader)
+
+
+def train_step(batch):
     out = model({"visual": batch["visual"]}, batch["mask"])
     t1 = time.perf_counter()
     loss = ccc_loss(out.float(), batch["labels"], batch["mask"] & batch["label_mask"])
@@ -72,39 +75,104 @@ for batch in loader:
     t2 = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
-    t3 = time.perf_counter()
-    if warmup is None:  # the first batch: one-off costs (loading compiled kernels), kept apart
-        warmup = t3 - tic
-    else:
-        parts["data"] += t0 - tic
-        parts["forward"] += t1 - t0
-        parts["backward"] += t2 - t1
-        parts["optimizer"] += t3 - t2
-        n += 1
-    tic = time.perf_counter()
-    if n == steps:
-        break
-scale = (len(loader) - 1) / n
-parts = {k: v * scale for k, v in parts.items()}
-parts["first batch"] = warmup
-t0 = time.perf_counter()
-val, _ = evaluate(model, trainer.stop_videos, cfg, torch.device("cpu"))
-parts["validation"] = time.perf_counter() - t0
+    return t1, t2, time.perf_counter()
+
+
+def reply(**message):
+    print(json.dumps(message), flush=True)
+
+
+model.train()
+tic = time.perf_counter()
+train_step(next(batches))  # the first batch: one-off costs (loading compiled kernels), kept apart
 frames = sum(int(v.label_mask.sum()) for v in trainer.train_videos)
-print(json.dumps({"parts": parts, "batches": len(loader), "timed_batches": n, "train_videos": len(trainer.train_videos),
-                  "labelled_frames": frames, "val_videos": len(trainer.stop_videos), "val_ccc": val["mean"],
-                  "threads": torch.get_num_threads()}))
+reply(first=time.perf_counter() - tic, batches=len(loader), train_videos=len(trainer.train_videos),
+      labelled_frames=frames, val_videos=len(trainer.stop_videos), threads=torch.get_num_threads())
+for command in sys.stdin:
+    if command.startswith("run"):
+        parts, n = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}, 0
+        tic = time.perf_counter()
+        for batch in batches:
+            t0 = time.perf_counter()
+            t1, t2, t3 = train_step(batch)
+            for key, begin, end in (("data", tic, t0), ("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, t3)):
+                parts[key] += end - begin
+            n += 1
+            if n == int(command.split()[1]):
+                break
+            tic = time.perf_counter()
+        reply(parts=parts, n=n)
+    elif command.startswith("validate"):
+        t0 = time.perf_counter()
+        val, _ = evaluate(model, trainer.stop_videos, cfg, torch.device("cpu"))
+        reply(validation=time.perf_counter() - t0, val_ccc=val["mean"])
+    else:
+        break
 '''
 
 
-def measure(code_root: Path, data_root: Path, steps: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(code_root), "HF_HUB_OFFLINE": "1"}
+class Measurer:
+    # One measuring process for one code version; it waits on stdin between commands.
+
+    def __init__(self, code_root: Path, data_root: Path, folds_dir: str):
+        env = {**os.environ, "PYTHONPATH": str(code_root), "HF_HUB_OFFLINE": "1"}
+        self.code_root = code_root
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the process
+        self.proc = subprocess.Popen([sys.executable, "-c", MEASURE, str(data_root), folds_dir], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, cwd=folds_dir)
+        self.info = self._answer()
+        self.parts = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.timed = 0
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=60)
+            self.stderr.seek(0)
+            raise RuntimeError(f"measuring {self.code_root} failed:\n{self.stderr.read()[-4000:]}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def run(self, n: int) -> int:
+        answer = self.ask(f"run {n}")
+        for key, value in answer["parts"].items():
+            self.parts[key] += value
+        self.timed += answer["n"]
+        return answer["n"]
+
+    def result(self) -> dict:
+        val = self.ask("validate")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        scale = (self.info["batches"] - 1) / self.timed  # the first batch is timed apart
+        parts = {k: v * scale for k, v in self.parts.items()}
+        parts.update({"first batch": self.info["first"], "validation": val["validation"]})
+        return {**self.info, "parts": parts, "timed_batches": self.timed, "val_ccc": val["val_ccc"]}
+
+
+def measure_interleaved(roots: list[Path], data_root: Path, steps: int, block: int) -> list[dict]:
+    # Times the code versions in turns of ``block`` batches each, until ``steps`` (0: the epoch).
     with tempfile.TemporaryDirectory() as folds_dir:
-        out = subprocess.run([sys.executable, "-c", MEASURE, str(data_root), folds_dir, str(steps)], env=env,
-                             capture_output=True, text=True, cwd=folds_dir)
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring {code_root} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        measurers = []
+        try:
+            for root in roots:  # started one after the other: each builds its trainer alone
+                measurers.append(Measurer(root, data_root, folds_dir))
+            total = measurers[0].info["batches"] - 1
+            goal = min(steps, total) if steps else total
+            while measurers[0].timed < goal:
+                n = min(block, goal - measurers[0].timed)
+                for m in measurers:
+                    m.run(n)
+            return [m.result() for m in measurers]
+        finally:
+            for m in measurers:
+                if m.proc.poll() is None:
+                    m.proc.kill()
 
 
 def ensure_dataset(cache: Path) -> Path:
@@ -134,23 +202,28 @@ def report(name: str, r: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ref", help="a git ref to time against, in the same run (e.g. c2df995, the code before "
+    parser.add_argument("--ref", help="a git ref to time against, in the same run (e.g. cb720d7, the code before "
                                       "the speed-ups)")
     parser.add_argument("--steps", type=int, default=0, help="time this many batches and extrapolate (0: all)")
+    parser.add_argument("--block", type=int, default=10, help="batches per turn when two versions take turns")
     parser.add_argument("--cache", default=os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")) + "/abaw")
     args = parser.parse_args()
     root = ensure_dataset(Path(args.cache))
-    now = measure(REPO, root, args.steps)
+    folder = Path(tempfile.mkdtemp(prefix="bench-epoch-ref-")) / "tree"
+    try:
+        roots = [REPO] + ([worktree(args.ref, folder)] if args.ref else [])
+        results = measure_interleaved(roots, root, args.steps, args.block)
+    finally:
+        if args.ref:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], capture_output=True)
+        shutil.rmtree(folder.parent, ignore_errors=True)
+    now = results[0]
     print(f"fold 0: {now['train_videos']} training videos, {now['labelled_frames']:,} labelled frames, "
-          f"{now['batches']} batches of 16 x 300 (timed {now['timed_batches']}); {now['val_videos']} validation videos")
+          f"{now['batches']} batches of 16 x 300 (timed {now['timed_batches']}"
+          f"{f', in turns of {args.block}' if args.ref else ''}); {now['val_videos']} validation videos")
     t_now = report("this checkout", now)
     if args.ref:
-        folder = Path(tempfile.mkdtemp(prefix="bench-epoch-ref-")) / "tree"
-        try:
-            old = measure(worktree(args.ref, folder), root, args.steps)
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], capture_output=True)
-            shutil.rmtree(folder.parent, ignore_errors=True)
+        old = results[1]
         t_old = report(args.ref, old)
         speedups = "  ".join(f"{k} {old['parts'][k] / max(now['parts'][k], 1e-9):.2f}x" for k in now["parts"])
         print(f"speed-up: epoch {t_old / t_now:.2f}x   ({speedups})")
