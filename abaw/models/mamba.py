@@ -16,11 +16,12 @@ Execution paths (chosen per call in :meth:`Mamba.forward`):
   ``mamba_inner_fn`` kernel (or ``selective_scan_fn`` + ``causal_conv1d_fn`` when the fused
   kernel cannot be used), exactly as ``mamba_simple.Mamba`` does.  ``mamba-ssm`` only builds
   and imports on CUDA machines; it is the optional extra ``pip install abaw[cuda]``.
-* float32 on the CPU: the same math, with the recurrence in compiled loops
-  (:mod:`abaw.models.scan_cpu`, numba) and the elementwise parts in PyTorch. Forward+backward
-  of a demo-size layer (B 16, L 300, D 64, N 8) on 2 cores: ~39 ms with the PyTorch scan below,
-  10.8 ms compiled (README, "One epoch at Aff-Wild2's scale").
-  ``ABAW_CPU_SCAN=torch`` switches it off.
+* float32 on the CPU: the same math in compiled loops (:mod:`abaw.models.scan_cpu`, numba):
+  softplus, the recurrence, the D skip, the silu(z) gate and all their gradients, one pass each
+  way. Forward+backward of a demo-size layer's scan (B 16, L 300, D 64, N 8) on 2 cores: ~39 ms
+  with the PyTorch scan below, about 7 ms compiled, of which the loops take 1.5 ms forward and
+  3.6 ms backward (README, "One epoch at Aff-Wild2's scale"). ``ABAW_CPU_SCAN=torch`` switches
+  it off.
 * otherwise (float64, CUDA without ``mamba_ssm``, or numba missing): :func:`selective_scan`,
   a chunked, checkpointed scan written in plain PyTorch (below).
 
