@@ -257,7 +257,8 @@ class VideoRecord:
     labels: np.ndarray | None
     feature_paths: dict[str, Path] = field(default_factory=dict)
     # Read once, used by every window: each .npy header (np.load re-parsed it on every window, 0.2 ms
-    # of a 0.5 ms window read) and the label mask, kept with the labels array it was computed from.
+    # of a 0.5 ms window read), kept with the file's size and mtime, and the label mask, kept with
+    # the labels array it was computed from.
     _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _mask: tuple = field(default=(None, None), init=False, repr=False, compare=False)
 
@@ -276,31 +277,40 @@ class VideoRecord:
         return np.load(self.feature_paths[modality], mmap_mode="r")
 
     def _layout(self, modality: str) -> NpyLayout | None:
-        if modality not in self._layouts:
-            self._layouts[modality] = npy_layout(self.feature_paths[modality])
-        return self._layouts[modality]
+        """The file's layout, read again whenever its size or modification time changes."""
+        path = self.feature_paths[modality]
+        stat = os.stat(path)
+        signature = (stat.st_size, stat.st_mtime_ns)
+        cached = self._layouts.get(modality)
+        if cached is None or cached[0] != signature:
+            cached = self._layouts[modality] = (signature, npy_layout(path))
+        return cached[1]
 
-    def _n_rows(self, modality: str) -> int:
-        layout = self._layout(modality)
-        return layout.rows if layout is not None else len(self._memmap(modality))
+    def _rows(self, modality: str, rows: np.ndarray, layout: NpyLayout | None) -> np.ndarray:
+        """File rows ``rows`` (non-decreasing, within the file) of one modality, as stored (dtype and all).
 
-    def _rows(self, modality: str, rows: np.ndarray) -> np.ndarray:
-        """File rows ``rows`` (sorted, within the file) of one modality, as stored (dtype and all).
-
-        One read of the rows' span at the offset the cached header gives; files np.load alone can
-        read (Fortran order, format 3.0) go through a memory map."""
-        path, layout = self.feature_paths[modality], self._layout(modality)
+        Rows close together (a window, with repeats of the last row past the file's end) cost one
+        read of their span at the offset the header gives; every-k-th-row reads, and files only
+        np.load can read (Fortran order, format 3.0), go through a memory map."""
         if layout is None or len(rows) == 0:
             return self._memmap(modality)[rows]
         first, last = int(rows[0]), int(rows[-1])
-        block = np.empty((last + 1 - first, layout.dim), layout.dtype)
+        span = last + 1 - first
+        if span > 2 * len(rows):  # sparse rows: reading the span would read mostly rows nobody asked for
+            return self._memmap(modality)[rows]
+        block = np.empty((span, layout.dim), layout.dtype)
+        path, view, got = self.feature_paths[modality], memoryview(block).cast("B"), 0
         with open(path, "rb", buffering=0) as file:
             file.seek(layout.offset + first * block.strides[0])
-            got = file.readinto(block)
-        if got != block.nbytes:
-            raise DataError([Problem(path, f"file ends inside row {first + got // block.strides[0]}: it is shorter "
-                                           f"than its header's {layout.rows} rows (truncated or being rewritten?)")])
-        return block if len(rows) == len(block) else block[rows - first]
+            while got < view.nbytes:  # one read returns at most ~2 GiB on Linux
+                n = file.readinto(view[got:])
+                if not n:
+                    raise DataError([Problem(path, f"file ends inside row {first + got // block.strides[0]}: it is "
+                                                   f"shorter than its header's {layout.rows} rows (truncated or being "
+                                                   f"rewritten?)")])
+                got += n
+        consecutive = span == len(rows) and bool(np.all(np.diff(rows) == 1))
+        return block if consecutive else block[rows - first]
 
     def features(self, modality: str, start: int = 0, stop: int | None = None,
                  step: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -310,8 +320,10 @@ class VideoRecord:
         NaN rows (no face / no feature) come back zero-filled with presence False.
         """
         stop = self.n_frames if stop is None else stop
-        rows = np.clip(np.arange(start, stop, step), 0, self._n_rows(modality) - 1)
-        raw = self._rows(modality, rows)
+        layout = self._layout(modality)
+        n_rows = layout.rows if layout is not None else len(self._memmap(modality))
+        rows = np.clip(np.arange(start, stop, step), 0, n_rows - 1)
+        raw = self._rows(modality, rows, layout)
         with np.errstate(over="ignore"):  # a float64 beyond float32 is checked (and named) on ``raw``
             window = np.asarray(raw, dtype=np.float32)
         values = checkable(raw, window)

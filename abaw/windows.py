@@ -114,8 +114,9 @@ def predict_videos(model: torch.nn.Module, videos: Sequence[VideoRecord], window
     """:func:`predict_video` for many videos: video name -> (T, 2).
 
     Windows of different videos share batches, so a validation pass runs in full batches instead
-    of one part-filled batch per video; each window's output is the same as when predicted alone
-    (every model here treats the windows of a batch independently).
+    of one part-filled batch per video. Every model here treats the windows of a batch
+    independently, so each window's output is the one it gets alone, up to float rounding (matrix
+    products may sum in another order at another batch size).
     """
     model.eval()
     modalities = model.modalities

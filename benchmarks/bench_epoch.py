@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = dict(n_train=440, n_val=5, n_test=2, min_frames=1000, max_frames=8000, mean_extra_frames=3400, seed=3,
             dims=(("visual", 2),))
 
-# Runs inside the measured process, against whichever abaw is first on sys.path.
 # Runs inside a measuring process, against whichever abaw is first on sys.path. It builds fold 0's
 # trainer, runs the first batch, then obeys commands on stdin: "run K" times the next K batches,
 # "validate" times the validation; each answers with one JSON line. Two processes (this checkout and

@@ -210,7 +210,7 @@ def test_features_read_only_the_window(tiny_root, monkeypatch):
 @pytest.mark.parametrize("kind", ["float16", "fortran", "past_end"])
 def test_features_other_layouts_read_the_same(tiny_root, kind):
     """float16 files, Fortran-order files (read through a memory map) and rows past the file's end
-    (the last row carried) give what np.load would."""
+    (the last row carried), every frame and every k-th, give what np.load would."""
     path = tiny_root / "features" / "visual" / "a.npy"
     values = np.load(path)
     if kind == "float16":
@@ -224,8 +224,23 @@ def test_features_other_layouts_read_the_same(tiny_root, kind):
     window, present = record.features("visual", start, stop)
     np.testing.assert_array_equal(window, np.nan_to_num(stored[rows].astype(np.float32), nan=0.0))
     np.testing.assert_array_equal(present, ~np.isnan(stored[rows]).any(axis=1))
-    every_other, _ = record.features("visual", 1, 20, step=2)
-    np.testing.assert_array_equal(every_other, np.nan_to_num(stored[1:20:2].astype(np.float32), nan=0.0))
+    # every k-th row, also past the end: rows 17, 19, 19 span exactly 3 rows, yet are not 17, 18, 19
+    for begin, end, step in ((1, 20, 2), (17, 23, 2), (13, 25, 3), (0, 20, 7)):
+        rows = np.clip(np.arange(begin, end, step), 0, len(stored) - 1)
+        strided, _ = record.features("visual", begin, end, step=step)
+        np.testing.assert_array_equal(strided, np.nan_to_num(stored[rows].astype(np.float32), nan=0.0))
+
+
+def test_features_see_a_rewritten_file(tiny_root):
+    """The cached header goes with the file's size and mtime: a file rewritten with another width
+    and dtype is read as it is now, not through the old header."""
+    record = open_dataset(tiny_root).videos["a"]
+    path = record.feature_paths["visual"]
+    record.features("visual", 0, 5)
+    wider = np.arange(20 * 12, dtype=np.float64).reshape(20, 12)
+    np.save(path, wider)
+    window, _ = record.features("visual", 2, 6)
+    np.testing.assert_array_equal(window, wider[2:6].astype(np.float32))
 
 
 def test_features_of_a_file_cut_short_after_opening_name_it(tiny_root):

@@ -262,3 +262,18 @@ def test_causal_conv_cpu_backward_matches_autograd(dilation, input_grad):
     y = out.detach()
     y2 = conv(x.detach() + torch.cat([torch.zeros(2, 6, 11), torch.randn(2, 6, 12)], -1))
     assert torch.equal(y[..., :11], y2.detach()[..., :11])  # still causal: frames >= 11 changed nothing before
+
+
+def test_tcn_trains_under_cpu_bf16_autocast():
+    """Under CPU autocast the TCN keeps PyTorch's own convolution (the fused CPU one is float32
+    only): forward and backward run, and every parameter gets a finite gradient."""
+    from abaw.models.tcn import TCN
+
+    torch.manual_seed(0)
+    tcn = TCN(3, (8, 8), kernel_size=3, dropout=0.1)
+    x = torch.randn(2, 17, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tcn(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 17, 8)
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tcn.parameters())

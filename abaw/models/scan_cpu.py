@@ -333,7 +333,7 @@ def scan_forward(u, delta, bias, softplus_dt: bool, A, Bm, Cm, D, z, seg: int):
     """
     bsz, seqlen, dim = u.shape
     n_blocks = _n_blocks(bsz, dim)
-    y = torch.empty(u.shape, dtype=u.dtype)
+    y = torch.empty_like(u)
     h_saved = u.new_empty(bsz, -(-seqlen // seg), A.shape[1], dim)
     run_parallel(_forward_items, n_blocks, seg, _np(u), _np(delta), _np(bias), softplus_dt, _np(A.t().contiguous()),
                  _np(Bm), _np(Cm), _np(D), _np(u if z is None else z), z is not None, _np(y), _np(h_saved))
@@ -345,8 +345,8 @@ def scan_backward(u, delta, bias, softplus_dt: bool, A, Bm, Cm, D, z, gout, h_sa
     gradient gout (B, L, D); grad z is None when z is."""
     bsz, seqlen, dim = u.shape
     n_blocks = _n_blocks(bsz, dim)
-    grad_u, grad_delta = torch.empty(u.shape), torch.empty(u.shape)
-    grad_z = torch.empty(u.shape) if z is not None else None
+    grad_u, grad_delta = torch.empty_like(u), torch.empty_like(delta)
+    grad_z = torch.empty_like(u) if z is not None else None
     grad_D, grad_bias = u.new_empty(bsz, dim), u.new_empty(bsz, dim)
     grad_A = u.new_empty(bsz, A.shape[1], A.shape[0])  # (B, N, D)
     grad_B = u.new_empty(n_blocks, *Bm.shape)

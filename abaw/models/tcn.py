@@ -88,7 +88,8 @@ class CausalConv1d(nn.Module):
         self.conv = weight_norm(nn.Conv1d(c_in, c_out, kernel_size, dilation=dilation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, T) -> (B, C_out, T)
-        if x.device.type == "cpu" and torch.is_grad_enabled() and x.dtype == torch.float32:
+        if (x.device.type == "cpu" and torch.is_grad_enabled() and x.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu")):
             return _CausalConvCPU.apply(x, self.conv.weight, self.conv.bias, self.dilation, self.left_pad)
         return self.conv(F.pad(x, (self.left_pad, 0)))
 
