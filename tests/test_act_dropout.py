@@ -66,3 +66,17 @@ def test_other_inputs_use_torch_modules():
     assert not fused_available(x.double(), w) and not fused_available(x, per_channel)
     out = prelu_dropout(x, per_channel, 0.5, training=False)
     assert torch.equal(out, F.prelu(x, per_channel))
+
+
+def test_dropout_draws_of_neighbours_are_independent():
+    """One 64-bit draw serves four neighbours (16 bits each): their drops must still be
+    independent, and the rate right in every lane of the four."""
+    x = torch.rand(1_200_001) + 0.1  # positive, so a zero means dropped; not a multiple of 4
+    torch.manual_seed(3)
+    dropped = prelu_dropout(x, None, 0.25, training=True) == 0
+    lanes = dropped[: dropped.numel() // 4 * 4].view(-1, 4).float()
+    for lane in range(4):
+        assert abs(lanes[:, lane].mean().item() - 0.25) < 0.006
+    for a, b in ((0, 1), (1, 2), (2, 3), (0, 3)):  # both dropped: p**2 if independent
+        assert abs((lanes[:, a] * lanes[:, b]).mean().item() - 0.0625) < 0.004
+    assert abs(dropped[-1000:].float().mean().item() - 0.25) < 0.08  # the tail past the last group of 4

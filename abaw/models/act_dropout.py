@@ -5,9 +5,11 @@ Why: on the CPU, ``nn.Dropout`` draws its mask with ``bernoulli_``, one element 
 separate slow pass; together they were about a fifth of a demo-size Mamba-VA step. Here one
 parallel loop computes ``prelu(x) * mask / (1 - p)`` and one computes both gradients.
 
-The dropout mask comes from a counter-based generator: element ``i`` is kept when the top 24
-bits of ``splitmix64(seed + i * golden)`` are >= p * 2**24, so the mask is the same whatever the
-number of threads, and the backward recomputes it from the seed instead of storing it. The seed is
+The dropout mask comes from a counter-based generator: one ``splitmix64(seed + (j + 1) * golden)``
+draw serves the four elements ``4j .. 4j + 3``, 16 bits each, and element ``i`` is kept when its 16
+bits are >= round(p * 2**16). So the mask is the same whatever the number of threads, and the
+backward recomputes it from the seed instead of storing it. (One 64-bit hash per element took most
+of the forward's time: AVX2 has no 64-bit multiply. The drop rate is p rounded to 2**-16.) The seed is
 drawn from torch's default generator, so ``torch.manual_seed`` still makes runs repeatable.
 Deviation, stated: the masks differ from those ``nn.Dropout`` would draw (another random
 stream, same Bernoulli(1 - p) law), so a training run is not bit-equal to one with ``nn.Dropout``.
@@ -40,35 +42,46 @@ def fused_available(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 
 if njit is not None:
 
-    @njit(inline="always", error_model="numpy", cache=True)
-    def _keep(seed, i, threshold):
-        """Counter-based Bernoulli draw: splitmix64(seed + (i + 1) * golden) >> 40 >= threshold."""
-        z = seed + uint64(i + 1) * uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> uint64(30))) * uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> uint64(27))) * uint64(0x94D049BB133111EB)
-        z = z ^ (z >> uint64(31))
-        return (z >> uint64(40)) >= threshold
+    @njit(error_model="numpy", cache=True)
+    def _draws(seed, c, bits):
+        """bits (_CHUNK,) uint16 <- the 16-bit draws of chunk c's elements: splitmix64 of the
+        counter 4j + 4 gives elements 4j .. 4j + 3, lowest bits first."""
+        words = bits.view(np.uint64)  # _CHUNK // 4 words
+        first = uint64(c * (_CHUNK // 4))
+        for j in range(words.size):
+            z = seed + (first + uint64(j + 1)) * uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> uint64(30))) * uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> uint64(27))) * uint64(0x94D049BB133111EB)
+            words[j] = z ^ (z >> uint64(31))
 
     @njit(parallel=True, fastmath={"contract"}, error_model="numpy", cache=True)
     def _forward(x, out, slope, seed, threshold, scale, use_mask):
         n = x.size
         for c in prange((n + _CHUNK - 1) // _CHUNK):
-            for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            bits = np.empty(_CHUNK, dtype=np.uint16)
+            if use_mask:
+                _draws(seed, c, bits)
+            base = c * _CHUNK
+            for i in range(base, min(n, base + _CHUNK)):
                 v = x[i]
                 y = v if v > 0 else slope * v
-                if use_mask:
-                    y = y * scale if _keep(seed, i, threshold) else np.float32(0.0)
+                if use_mask:  # a select, not a jump, so it vectorises
+                    y = y * (scale if bits[i - base] >= threshold else np.float32(0.0))
                 out[i] = y
 
     @njit(parallel=True, fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
     def _backward(x, g, grad_x, grad_w_parts, slope, seed, threshold, scale, use_mask):
         n = x.size
         for c in prange((n + _CHUNK - 1) // _CHUNK):
+            bits = np.empty(_CHUNK, dtype=np.uint16)
+            if use_mask:
+                _draws(seed, c, bits)
+            base = c * _CHUNK
             acc = np.float32(0.0)
-            for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):  # branch-free, so it vectorises
+            for i in range(base, min(n, base + _CHUNK)):  # branch-free, so it vectorises
                 gi = g[i]
                 if use_mask:
-                    gi = gi * (scale if _keep(seed, i, threshold) else np.float32(0.0))
+                    gi = gi * (scale if bits[i - base] >= threshold else np.float32(0.0))
                 v = x[i]
                 grad_x[i] = gi if v > 0 else gi * slope
                 acc += np.float32(0.0) if v > 0 else gi * v
@@ -81,7 +94,7 @@ class _PReLUDropoutFn(torch.autograd.Function):
         x = x.contiguous()
         slope = np.float32(0.0 if weight is None else weight.item())
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        threshold = np.uint64(round(p * 2**24))
+        threshold = np.uint16(min(round(p * 2**16), 2**16 - 1))
         scale = np.float32(1.0 / (1.0 - p) if p < 1 else 0.0)
         out = torch.empty_like(x)
         scan_cpu.run_parallel(_forward, x.detach().view(-1).numpy(), out.view(-1).numpy(), slope,
