@@ -87,8 +87,72 @@ train_step(next(batches))  # the first batch: one-off costs (loading compiled ke
 frames = sum(int(v.label_mask.sum()) for v in trainer.train_videos)
 reply(first=time.perf_counter() - tic, batches=len(loader), train_videos=len(trainer.train_videos),
       labelled_frames=frames, val_videos=len(trainer.stop_videos), threads=torch.get_num_threads())
+
+
+def replay_floor(batch):
+    # One training step, recorded op by op: every matrix product and convolution (forward and
+    # backward) and every call into the compiled loops, each with a copy of its inputs. Each is
+    # then replayed alone, 5 times, and its fastest time kept: what the step's arithmetic costs
+    # at best, with nothing around it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+    aten = torch.ops.aten
+    heavy = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default,
+             aten.convolution_backward.default}
+    calls = []
+
+    def copy(x):  # the same strides and offset into a private copy of the storage
+        if isinstance(x, torch.Tensor):
+            return torch.empty(0, dtype=x.dtype).set_(x.untyped_storage().clone(), x.storage_offset(),
+                                                      x.shape, x.stride())
+        return x.copy() if hasattr(x, "copy") and hasattr(x, "dtype") else x
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in heavy:
+                calls.append(("gemm+conv", func, tree_map(copy, args), tree_map(copy, kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    try:
+        from abaw.models import scan_cpu
+    except ImportError:
+        scan_cpu = None
+    if scan_cpu is not None and hasattr(scan_cpu, "run_parallel"):
+        original = scan_cpu.run_parallel
+
+        def recording(kernel, *args):
+            kind = "scan" if "items" in kernel.__name__ else "other loops"
+            calls.append((kind, lambda *a: original(kernel, *a), tuple(copy(a) for a in args), {}))
+            return original(kernel, *args)
+
+        scan_cpu.run_parallel = recording
+    try:
+        with Record():
+            train_step(batch)
+    finally:
+        if scan_cpu is not None and hasattr(scan_cpu, "run_parallel"):
+            scan_cpu.run_parallel = original
+    best = {}
+    for kind, func, args, kwargs in calls:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            func(*args, **kwargs)
+            times.append(time.perf_counter() - t0)
+        best[kind] = best.get(kind, 0.0) + min(times)
+    return best, len(calls)
+
+
 for command in sys.stdin:
-    if command.startswith("run"):
+    if command.startswith("floor"):
+        model.train()
+        batch = next(batches)
+        tic = time.perf_counter()
+        train_step(batch)
+        whole = time.perf_counter() - tic
+        best, n = replay_floor(batch)
+        reply(floor=best, calls=n, step=whole)
+    elif command.startswith("run"):
         parts, n = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}, 0
         tic = time.perf_counter()
         for batch in batches:
@@ -144,14 +208,16 @@ class Measurer:
         self.timed += answer["n"]
         return answer["n"]
 
-    def result(self) -> dict:
+    def result(self, floor: bool = False) -> dict:
         val = self.ask("validate")
+        replayed = self.ask("floor") if floor else None
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
         scale = (self.info["batches"] - 1) / self.timed  # the first batch is timed apart
         parts = {k: v * scale for k, v in self.parts.items()}
         parts.update({"first batch": self.info["first"], "validation": val["validation"]})
-        return {**self.info, "parts": parts, "timed_batches": self.timed, "val_ccc": val["val_ccc"]}
+        return {**self.info, "parts": parts, "timed_batches": self.timed, "val_ccc": val["val_ccc"],
+                "floor": replayed}
 
 
 def measure_interleaved(roots: list[Path], data_root: Path, steps: int, block: int) -> list[dict]:
@@ -167,7 +233,7 @@ def measure_interleaved(roots: list[Path], data_root: Path, steps: int, block: i
                 n = min(block, goal - measurers[0].timed)
                 for m in measurers:
                     m.run(n)
-            return [m.result() for m in measurers]
+            return [m.result(floor=i == 0) for i, m in enumerate(measurers)]
         finally:
             for m in measurers:
                 if m.proc.poll() is None:
@@ -226,6 +292,22 @@ def main() -> None:
         t_old = report(args.ref, old)
         speedups = "  ".join(f"{k} {old['parts'][k] / max(now['parts'][k], 1e-9):.2f}x" for k in now["parts"])
         print(f"speed-up: epoch {t_old / t_now:.2f}x   ({speedups})")
+    floor_report(now, t_old / 3 if args.ref else None)
+
+
+def floor_report(now: dict, budget: float | None) -> None:
+    # What one training step's arithmetic costs at best (bench's replay_floor), and what that
+    # leaves of a 3x epoch.
+    best, step = now["floor"]["floor"], now["floor"]["step"]
+    ms = {k: 1e3 * best.get(k, 0.0) for k in ("gemm+conv", "scan", "other loops")}
+    print(f"one step replayed op by op, each op alone at its best: matrix products + convolutions "
+          f"{ms['gemm+conv']:.1f} ms, scan loops {ms['scan']:.1f} ms, other compiled loops "
+          f"{ms['other loops']:.1f} ms ({now['floor']['calls']} calls; the step itself took {1e3 * step:.1f} ms)")
+    if budget:
+        least = (now["batches"]) * (ms["gemm+conv"] + ms["scan"]) / 1e3
+        print(f"a 3x epoch is {budget:.1f} s; this checkout's {now['batches']} training steps need at least "
+              f"{least:.1f} s for their matrix products, convolutions and scans alone "
+              f"({100 * least / budget:.0f} % of it), before data, optimizer, validation and everything else")
 
 
 if __name__ == "__main__":
