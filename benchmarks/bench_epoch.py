@@ -83,7 +83,8 @@ def reply(**message):
 
 model.train()
 tic = time.perf_counter()
-train_step(next(batches))  # the first batch: one-off costs (loading compiled kernels), kept apart
+first_batch = next(batches)
+train_step(first_batch)  # the first batch: one-off costs (loading compiled kernels), kept apart
 frames = sum(int(v.label_mask.sum()) for v in trainer.train_videos)
 reply(first=time.perf_counter() - tic, batches=len(loader), train_videos=len(trainer.train_videos),
       labelled_frames=frames, val_videos=len(trainer.stop_videos), threads=torch.get_num_threads())
@@ -145,12 +146,11 @@ def replay_floor(batch):
 
 for command in sys.stdin:
     if command.startswith("floor"):
-        model.train()
-        batch = next(batches)
+        model.train()  # after the epoch (the batches are used up): the first batch again
         tic = time.perf_counter()
-        train_step(batch)
+        train_step(first_batch)
         whole = time.perf_counter() - tic
-        best, n = replay_floor(batch)
+        best, n = replay_floor(first_batch)
         reply(floor=best, calls=n, step=whole)
     elif command.startswith("run"):
         parts, n = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}, 0
