@@ -47,8 +47,8 @@ from abaw.metrics import ccc_loss
 from abaw.train import FoldTrainer, build_model, _param_groups, evaluate
 from abaw.windows import WindowDataset
 
-root, folds_dir = sys.argv[1], sys.argv[2]
-torch.manual_seed(0)
+root, folds_dir, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.manual_seed(seed)
 cfg = RunConfig(arch=["mamba_va"], size="demo", folds=5, seed=0)
 dataset = open_dataset(root)
 folds, _ = load_or_make_folds(dataset, cfg.folds, cfg.fold_mode, cfg.seed, folds_dir)
@@ -177,11 +177,11 @@ for command in sys.stdin:
 class Measurer:
     # One measuring process for one code version; it waits on stdin between commands.
 
-    def __init__(self, code_root: Path, data_root: Path, folds_dir: str):
+    def __init__(self, code_root: Path, data_root: Path, folds_dir: str, seed: int):
         env = {**os.environ, "PYTHONPATH": str(code_root), "HF_HUB_OFFLINE": "1"}
         self.code_root = code_root
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the process
-        self.proc = subprocess.Popen([sys.executable, "-c", MEASURE, str(data_root), folds_dir], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-c", MEASURE, str(data_root), folds_dir, str(seed)], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      text=True, cwd=folds_dir)
         self.info = self._answer()
@@ -220,13 +220,13 @@ class Measurer:
                 "floor": replayed}
 
 
-def measure_interleaved(roots: list[Path], data_root: Path, steps: int, block: int) -> list[dict]:
+def measure_interleaved(roots: list[Path], data_root: Path, steps: int, block: int, seed: int = 0) -> list[dict]:
     # Times the code versions in turns of ``block`` batches each, until ``steps`` (0: the epoch).
     with tempfile.TemporaryDirectory() as folds_dir:
         measurers = []
         try:
             for root in roots:  # started one after the other: each builds its trainer alone
-                measurers.append(Measurer(root, data_root, folds_dir))
+                measurers.append(Measurer(root, data_root, folds_dir, seed))
             total = measurers[0].info["batches"] - 1
             goal = min(steps, total) if steps else total
             while measurers[0].timed < goal:
@@ -271,13 +271,14 @@ def main() -> None:
                                       "the speed-ups)")
     parser.add_argument("--steps", type=int, default=0, help="time this many batches and extrapolate (0: all)")
     parser.add_argument("--block", type=int, default=10, help="batches per turn when two versions take turns")
+    parser.add_argument("--seed", type=int, default=0, help="torch's seed (initial weights and dropout)")
     parser.add_argument("--cache", default=os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")) + "/abaw")
     args = parser.parse_args()
     root = ensure_dataset(Path(args.cache))
     folder = Path(tempfile.mkdtemp(prefix="bench-epoch-ref-")) / "tree"
     try:
         roots = [REPO] + ([worktree(args.ref, folder)] if args.ref else [])
-        results = measure_interleaved(roots, root, args.steps, args.block)
+        results = measure_interleaved(roots, root, args.steps, args.block, args.seed)
     finally:
         if args.ref:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], capture_output=True)

@@ -5,12 +5,13 @@ Why: on the CPU, ``nn.Dropout`` draws its mask with ``bernoulli_``, one element 
 separate slow pass; together they were about a fifth of a demo-size Mamba-VA step. Here one
 parallel loop computes ``prelu(x) * mask / (1 - p)`` and one computes both gradients.
 
-The dropout mask comes from a counter-based generator: one ``splitmix64(seed + (j + 1) * golden)``
-draw serves the four elements ``4j .. 4j + 3``, 16 bits each, and element ``i`` is kept when its 16
+The dropout mask comes from a counter-based generator: one ``splitmix64(seed + (g + 1) * golden)``
+draw serves the four elements ``4g .. 4g + 3``, 16 bits each, and an element is kept when its 16
 bits are >= round(p * 2**16). So the mask is the same whatever the number of threads, and the
 backward recomputes it from the seed instead of storing it. (One 64-bit hash per element took most
-of the forward's time: AVX2 has no 64-bit multiply. The drop rate is p rounded to 2**-16.) The seed is
-drawn from torch's default generator, so ``torch.manual_seed`` still makes runs repeatable.
+of the forward's time: AVX2 has no 64-bit multiply. The drop rate is p rounded to a multiple of
+2**-16.) The seed is drawn from torch's default generator, so ``torch.manual_seed`` still makes
+runs repeatable.
 Deviation, stated: the masks differ from those ``nn.Dropout`` would draw (another random
 stream, same Bernoulli(1 - p) law), so a training run is not bit-equal to one with ``nn.Dropout``.
 
@@ -44,8 +45,9 @@ if njit is not None:
 
     @njit(error_model="numpy", cache=True)
     def _draws(seed, c, bits):
-        """bits (_CHUNK,) uint16 <- the 16-bit draws of chunk c's elements: splitmix64 of the
-        counter 4j + 4 gives elements 4j .. 4j + 3, lowest bits first."""
+        """bits (_CHUNK,) uint16 <- the 16-bit draws of chunk c's elements. Group g (over the whole
+        tensor) is splitmix64 of the counter g + 1; its 64 bits, read as four uint16 (x86 is
+        little-endian), are the draws of elements 4g .. 4g + 3."""
         words = bits.view(np.uint64)  # _CHUNK // 4 words
         first = uint64(c * (_CHUNK // 4))
         for j in range(words.size):
