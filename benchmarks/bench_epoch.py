@@ -92,16 +92,22 @@ reply(first=time.perf_counter() - tic, batches=len(loader), train_videos=len(tra
 
 
 def replay_floor(batch):
-    # One training step, recorded op by op: every matrix product and convolution (forward and
-    # backward) and every call into the compiled loops, each with a copy of its inputs. Each is
-    # then replayed alone, 5 times, and its fastest time kept: what the step's arithmetic costs
-    # at best, with nothing around it.
+    # One training step taken apart: every matrix product and convolution (forward and backward)
+    # and every call into the compiled loops. A first step times each call as it runs in the step; a
+    # second records each with a copy of its inputs; each is then replayed alone, once right after
+    # 64 MiB were written (a cold cache) and 5 times (the fastest counts): what the step's
+    # arithmetic costs at best, with nothing around it.
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_map
     aten = torch.ops.aten
     heavy = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default,
              aten.convolution_backward.default}
-    calls = []
+    try:
+        from abaw.models import scan_cpu
+    except ImportError:
+        scan_cpu = None
+    compiled = scan_cpu is not None and hasattr(scan_cpu, "run_parallel")
+    original = scan_cpu.run_parallel if compiled else None
 
     def copy(x):  # a private copy with the same strides: numba compiles per layout, oneDNN picks by it
         if isinstance(x, torch.Tensor):
@@ -114,33 +120,42 @@ def replay_floor(batch):
             return out
         return x.copy() if isinstance(x, np.ndarray) else x
 
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in heavy:
-                calls.append(("gemm+conv", func, tree_map(copy, args), tree_map(copy, kwargs or {})))
-            return func(*args, **(kwargs or {}))
+    def take_apart(on_call):
+        # One train_step with on_call(kind, func, args, kwargs) standing in for each heavy call.
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in heavy:
+                    return on_call("gemm+conv", func, args, kwargs or {})
+                return func(*args, **(kwargs or {}))
 
-    try:
-        from abaw.models import scan_cpu
-    except ImportError:
-        scan_cpu = None
-    if scan_cpu is not None and hasattr(scan_cpu, "run_parallel"):
-        original = scan_cpu.run_parallel
+        if compiled:
+            def loops(kernel, *args):
+                kind = "scan" if "items" in kernel.__name__ else "other loops"
+                return on_call(kind, lambda *a: original(kernel, *a), args, {})
+            scan_cpu.run_parallel = loops
+        try:
+            with Mode():
+                train_step(batch)
+        finally:
+            if compiled:
+                scan_cpu.run_parallel = original
 
-        def recording(kernel, *args):
-            kind = "scan" if "items" in kernel.__name__ else "other loops"
-            calls.append((kind, lambda *a: original(kernel, *a), tuple(copy(a) for a in args), {}))
-            return original(kernel, *args)
+    in_step, calls = {}, []
 
-        scan_cpu.run_parallel = recording
-    try:
-        with Record():
-            train_step(batch)
-    finally:
-        if scan_cpu is not None and hasattr(scan_cpu, "run_parallel"):
-            scan_cpu.run_parallel = original
+    def timed(kind, func, args, kwargs):
+        t0 = time.perf_counter()
+        out = func(*args, **kwargs)
+        in_step[kind] = in_step.get(kind, 0.0) + time.perf_counter() - t0
+        return out
+
+    def recorded(kind, func, args, kwargs):
+        calls.append((kind, func, tree_map(copy, args), tree_map(copy, kwargs)))
+        return func(*args, **kwargs)
+
+    take_apart(timed)
+    take_apart(recorded)
     best, cold = {}, {}
-    flush = torch.zeros(16 * 2**20)  # 64 MiB, twice this CPU's L3: written before a cold run
+    flush = torch.zeros(16 * 2**20)  # 64 MiB, twice this CPU's L3
     for kind, func, args, kwargs in calls:
         flush.add_(1.0)
         t0 = time.perf_counter()
@@ -152,7 +167,7 @@ def replay_floor(batch):
             func(*args, **kwargs)
             times.append(time.perf_counter() - t0)
         best[kind] = best.get(kind, 0.0) + min(times)
-    return best, cold, len(calls)
+    return best, cold, in_step, len(calls)
 
 
 for command in sys.stdin:
@@ -161,8 +176,8 @@ for command in sys.stdin:
         tic = time.perf_counter()
         train_step(first_batch)
         whole = time.perf_counter() - tic
-        best, cold, n = replay_floor(first_batch)
-        reply(floor=best, cold=cold, calls=n, step=whole)
+        best, cold, in_step, n = replay_floor(first_batch)
+        reply(floor=best, cold=cold, in_step=in_step, calls=n, step=whole)
     elif command.startswith("run"):
         parts, n = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}, 0
         tic = time.perf_counter()
@@ -313,15 +328,18 @@ def floor_report(now: dict, budget: float | None) -> None:
     step, kinds = now["floor"]["step"], ("gemm+conv", "scan", "other loops")
     ms = {k: 1e3 * now["floor"]["floor"].get(k, 0.0) for k in kinds}
     cold = {k: 1e3 * now["floor"]["cold"].get(k, 0.0) for k in kinds}
-    print(f"one step replayed op by op, each op alone at its best (from a cold cache): matrix products + "
-          f"convolutions {ms['gemm+conv']:.1f} ms ({cold['gemm+conv']:.1f}), scan loops {ms['scan']:.1f} ms "
-          f"({cold['scan']:.1f}), other compiled loops {ms['other loops']:.1f} ms ({cold['other loops']:.1f}); "
-          f"{now['floor']['calls']} calls; the step itself took {1e3 * step:.1f} ms")
+    inside = {k: 1e3 * now["floor"]["in_step"].get(k, 0.0) for k in kinds}
+    print(f"one step taken apart ({now['floor']['calls']} calls; the step took {1e3 * step:.1f} ms): "
+          f"in the step / alone at best / alone from a cold cache")
+    for kind, name in zip(kinds, ("matrix products + convolutions", "scan loops", "other compiled loops")):
+        print(f"  {name:>31}: {inside[kind]:5.1f} / {ms[kind]:5.1f} / {cold[kind]:5.1f} ms")
     if budget:
-        least = (now["batches"]) * (ms["gemm+conv"] + ms["scan"]) / 1e3
+        least = now["batches"] * (ms["gemm+conv"] + ms["scan"]) / 1e3
+        least_cold = now["batches"] * (cold["gemm+conv"] + cold["scan"]) / 1e3
         print(f"a 3x epoch is {budget:.1f} s; this checkout's {now['batches']} training steps need at least "
-              f"{least:.1f} s for their matrix products, convolutions and scans alone "
-              f"({100 * least / budget:.0f} % of it), before data, optimizer, validation and everything else")
+              f"{least:.1f} s for their matrix products, convolutions and scans alone ({100 * least / budget:.0f} % "
+              f"of it; {least_cold:.1f} s = {100 * least_cold / budget:.0f} % from a cold cache), before data, "
+              f"optimizer, validation and everything else")
 
 
 if __name__ == "__main__":
