@@ -16,6 +16,11 @@ speed (which varies by up to 20 % within minutes). Per batch it times reading th
 DataLoader), forward, backward (loss included) and the optimizer step; then the validation of the
 fold's videos (whole-video prediction, as the early stopping does). Both versions see the same
 batches. Prints a table and the speed-up of this checkout over the ref.
+
+Then this checkout's first batch is taken apart (``replay_floor``): each matrix product,
+convolution and call into the compiled loops is timed as it runs inside the step, and replayed
+alone at its best and from a cold cache. With ``--ref``, it says how much of a 3x epoch (the ref's
+epoch / 3) those calls alone would take.
 """
 from __future__ import annotations
 
@@ -323,8 +328,8 @@ def main() -> None:
 
 
 def floor_report(now: dict, budget: float | None) -> None:
-    # What one training step's arithmetic costs at best (bench's replay_floor), and what that
-    # leaves of a 3x epoch.
+    # Where one training step's time goes (replay_floor), and how much of a 3x epoch its products,
+    # convolutions and scans alone would take.
     step, kinds = now["floor"]["step"], ("gemm+conv", "scan", "other loops")
     ms = {k: 1e3 * now["floor"]["floor"].get(k, 0.0) for k in kinds}
     cold = {k: 1e3 * now["floor"]["cold"].get(k, 0.0) for k in kinds}
@@ -334,12 +339,11 @@ def floor_report(now: dict, budget: float | None) -> None:
     for kind, name in zip(kinds, ("matrix products + convolutions", "scan loops", "other compiled loops")):
         print(f"  {name:>31}: {inside[kind]:5.1f} / {ms[kind]:5.1f} / {cold[kind]:5.1f} ms")
     if budget:
-        least = now["batches"] * (ms["gemm+conv"] + ms["scan"]) / 1e3
-        least_cold = now["batches"] * (cold["gemm+conv"] + cold["scan"]) / 1e3
-        print(f"a 3x epoch is {budget:.1f} s; this checkout's {now['batches']} training steps need at least "
-              f"{least:.1f} s for their matrix products, convolutions and scans alone ({100 * least / budget:.0f} % "
-              f"of it; {least_cold:.1f} s = {100 * least_cold / budget:.0f} % from a cold cache), before data, "
-              f"optimizer, validation and everything else")
+        heavy = ("gemm+conv", "scan")
+        spent = [now["batches"] * sum(t[k] for k in heavy) / 1e3 for t in (inside, ms, cold)]
+        print(f"a 3x epoch is {budget:.1f} s; the {now['batches']} training steps' products, convolutions and "
+              f"scans alone take " + ", ".join(f"{v:.1f} s ({100 * v / budget:.0f} %) {how}" for v, how in
+                                             zip(spent, ("in the steps", "alone at best", "from a cold cache"))))
 
 
 if __name__ == "__main__":
