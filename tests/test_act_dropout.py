@@ -79,4 +79,4 @@ def test_dropout_draws_of_neighbours_are_independent():
         assert abs(lanes[:, lane].mean().item() - 0.25) < 0.006
     for a, b in ((0, 1), (1, 2), (2, 3), (0, 3)):  # both dropped: p**2 if independent
         assert abs((lanes[:, a] * lanes[:, b]).mean().item() - 0.0625) < 0.004
-    assert abs(dropped[-1000:].float().mean().item() - 0.25) < 0.08  # the tail past the last group of 4
+    assert abs(dropped[-1000:].float().mean().item() - 0.25) < 0.08  # the last chunk, a partial one
